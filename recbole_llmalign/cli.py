@@ -1,0 +1,57 @@
+"""Command line mirroring RecBole's ``run_recbole.py``, plus ``--compare`` and ``convert-amazon``.
+
+    python run_recbole_llmalign.py --model=SASRec --dataset=ml-100k [--config_files="a.yaml b.yaml"] [--key=value ...]
+    python run_recbole_llmalign.py --compare=SASRec,GRU4Rec,BERT4Rec,Pop --dataset=ml-100k [--key=value ...]
+    python run_recbole_llmalign.py convert-amazon --reviews=r.csv [--metadata=m.json] --name=my-data [--output_dir=dataset]
+
+Any ``--key=value`` not listed here is a RecBole/plugin config override, exactly as in RecBole.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _main_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", "-m", type=str, default="SASRec", help="model name (plugin or RecBole)")
+    parser.add_argument("--dataset", "-d", type=str, default="ml-100k", help="dataset name")
+    parser.add_argument("--config_files", type=str, default=None, help="space-separated YAML files")
+    parser.add_argument("--compare", type=str, default=None,
+                        help="comma-separated model names to run with one shared config and seed")
+    parser.add_argument("--output_dir", type=str, default="saved/compare",
+                        help="where --compare writes its .md/.csv/.png")
+    return parser
+
+
+def _convert_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="run_recbole_llmalign.py convert-amazon",
+                                     description="Convert Amazon review dumps into RecBole atomic files.")
+    parser.add_argument("--reviews", required=True, help="reviews file: CSV (2014) or JSON lines (2014/2018/2023), .gz ok")
+    parser.add_argument("--metadata", default=None, help="optional item metadata JSON lines")
+    parser.add_argument("--name", required=True, help="dataset name (folder and file stem)")
+    parser.add_argument("--output_dir", default="dataset", help="data_path to write <name>/ into")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "convert-amazon":
+        from recbole_llmalign.data import convert_amazon
+
+        args = _convert_parser().parse_args(argv[1:])
+        folder = convert_amazon(args.reviews, args.output_dir, args.name, args.metadata)
+        print(f"wrote {folder}; run with --dataset={args.name} --data_path={args.output_dir}")
+        return 0
+
+    args, _ = _main_parser().parse_known_args(argv)
+    config_file_list = args.config_files.strip().split(" ") if args.config_files else None
+    from recbole_llmalign.quick_start import compare, run_recbole_llmalign
+
+    if args.compare:
+        models = [m.strip() for m in args.compare.split(",") if m.strip()]
+        compare(models, args.dataset, config_file_list, output_dir=args.output_dir)
+    else:
+        run_recbole_llmalign(model=args.model, dataset=args.dataset, config_file_list=config_file_list)
+    return 0

@@ -1,0 +1,163 @@
+"""Entry points a RecBole user knows: ``run_recbole_llmalign`` (same result dict as RecBole's
+``run_recbole``) and ``compare`` (several models, one shared config and seed, one table)."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import multiprocessing
+import os
+import resource
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from logging import getLogger
+from pathlib import Path
+from typing import Any
+
+import torch
+from recbole.data import create_dataset, data_preparation
+from recbole.data.transform import construct_transform
+from recbole.utils import get_environment, get_flops, init_logger, init_seed, set_color
+
+from recbole_llmalign.config import Config
+from recbole_llmalign.data import prepare_dataset
+from recbole_llmalign.trainer import with_run_controls
+from recbole_llmalign.utils import get_model, get_trainer
+
+
+@dataclass
+class RunCost:
+    """What a run cost: per-epoch training seconds, evaluation seconds, peak memory."""
+
+    epochs: int = 0
+    train_sec: float = 0.0
+    sec_per_epoch: float = 0.0
+    valid_sec: float = 0.0
+    eval_sec: float = 0.0
+    peak_mem_mb: float = 0.0
+    extra: dict[str, float] = field(default_factory=dict)
+
+
+def peak_memory_mb(device: torch.device | None = None) -> float:
+    """Peak resident memory of this process (CPU) or peak allocated CUDA memory, in MB."""
+    if device is not None and device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def run_with_cost(
+    model: str | None = None,
+    dataset: str | None = None,
+    config_file_list: list[str] | None = None,
+    config_dict: dict[str, Any] | None = None,
+    saved: bool = True,
+) -> tuple[dict[str, Any], RunCost]:
+    """Train and evaluate exactly as RecBole's ``run_recbole`` does, and also return the cost."""
+    config = Config(model=model, dataset=dataset, config_file_list=config_file_list, config_dict=config_dict)
+    init_seed(config["seed"], config["reproducibility"])
+    init_logger(config)
+    logger = getLogger()
+    logger.info(sys.argv)
+    logger.info(config)
+
+    prepare_dataset(config)
+    dataset_obj = create_dataset(config)
+    logger.info(dataset_obj)
+    train_data, valid_data, test_data = data_preparation(config, dataset_obj)
+
+    init_seed(config["seed"] + config["local_rank"], config["reproducibility"])
+    model_obj = get_model(config["model"])(config, train_data._dataset).to(config["device"])
+    logger.info(model_obj)
+    transform = construct_transform(config)
+    flops = get_flops(model_obj, dataset_obj, config["device"], logger, transform)
+    logger.info(set_color("FLOPs", "blue") + f": {flops}")
+
+    trainer = with_run_controls(get_trainer(config["MODEL_TYPE"], config["model"]))(config, model_obj)
+    best_valid_score, best_valid_result = trainer.fit(
+        train_data, valid_data, saved=saved, show_progress=config["show_progress"]
+    )
+    has_best_checkpoint = saved and os.path.isfile(trainer.saved_model_file)
+    eval_start = time.perf_counter()
+    test_result = trainer.evaluate(
+        test_data, load_best_model=has_best_checkpoint, show_progress=config["show_progress"]
+    )
+    eval_sec = time.perf_counter() - eval_start
+
+    logger.info("The running environment of this training is as follows:\n" + get_environment(config).draw())
+    logger.info(set_color("best valid ", "yellow") + f": {best_valid_result}")
+    logger.info(set_color("test result", "yellow") + f": {test_result}")
+
+    result = {
+        "best_valid_score": best_valid_score,
+        "valid_score_bigger": config["valid_metric_bigger"],
+        "best_valid_result": best_valid_result,
+        "test_result": test_result,
+    }
+    epochs = len(trainer.epoch_train_seconds)
+    cost = RunCost(
+        epochs=epochs,
+        train_sec=sum(trainer.epoch_train_seconds),
+        sec_per_epoch=sum(trainer.epoch_train_seconds) / max(epochs, 1),
+        valid_sec=sum(trainer.valid_seconds) / max(len(trainer.valid_seconds), 1),
+        eval_sec=eval_sec,
+        peak_mem_mb=peak_memory_mb(config["device"]),
+    )
+    if not config["single_spec"]:
+        torch.distributed.destroy_process_group()
+    return result, cost
+
+
+def run_recbole_llmalign(
+    model: str | None = None,
+    dataset: str | None = None,
+    config_file_list: list[str] | None = None,
+    config_dict: dict[str, Any] | None = None,
+    saved: bool = True,
+) -> dict[str, Any]:
+    """RecBole's ``run_recbole`` with the plugin's models, properties and compatibility fixes.
+
+    Returns the same dict: ``best_valid_score``, ``valid_score_bigger``, ``best_valid_result``,
+    ``test_result``.
+    """
+    result, _ = run_with_cost(model, dataset, config_file_list, config_dict, saved)
+    return result
+
+
+def _run_in_child(args: tuple) -> tuple[dict[str, Any], dict[str, Any]]:
+    result, cost = run_with_cost(*args)
+    return result, asdict(cost)
+
+
+def compare(
+    models: list[str],
+    dataset: str,
+    config_file_list: list[str] | None = None,
+    config_dict: dict[str, Any] | None = None,
+    output_dir: str | Path = "saved/compare",
+    name: str | None = None,
+    saved: bool = True,
+) -> list[dict[str, Any]]:
+    """Run every model with one shared config and seed; write a Markdown table, CSV and PNG.
+
+    Each model runs in a fresh process so its peak memory is its own and no state leaks from one
+    run to the next. Returns one record per model (see ``report.records_from_run``).
+    """
+    from tqdm import tqdm
+
+    from recbole_llmalign import report
+
+    name = name or f"compare-{dataset}"
+    records = []
+    context = multiprocessing.get_context("spawn")
+    progress = tqdm(models, desc=f"compare on {dataset}", unit="model")
+    for model in progress:
+        progress.set_postfix_str(model)
+        with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
+            result, cost = pool.submit(
+                _run_in_child, (model, dataset, config_file_list, dict(config_dict or {}), saved)
+            ).result()
+        records.append({"model": model, "result": result, "cost": cost})
+        report.write_comparison(records, dataset, Path(output_dir), name)  # partial results survive a crash
+    logging.getLogger(__name__).info(f"comparison written to {Path(output_dir) / name}.md/.csv/.png")
+    return records

@@ -1,0 +1,116 @@
+"""Comparison output: a long-form CSV, a Markdown table and a bar chart from the same records.
+
+CSV header: ``dataset,model,setting,split,metric,value``. ``split`` is ``valid``/``test`` (and
+``test_cold`` for models that report a cold-item slice) for quality metrics, ``train`` for
+training cost (``sec_per_epoch``, ``epochs``, ``train_sec``, ``peak_mem_mb``) and ``test`` for
+``eval_sec`` (one full-ranking pass over the test users). Metric names are RecBole's.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable
+
+CSV_HEADER = ["dataset", "model", "setting", "split", "metric", "value"]
+COST_ROWS = (("train", "sec_per_epoch"), ("train", "epochs"), ("train", "train_sec"),
+             ("train", "peak_mem_mb"), ("test", "eval_sec"))
+
+
+def long_rows(record: dict[str, Any], dataset: str) -> list[list[Any]]:
+    """Long-form rows for one model's record ``{model, setting?, result, cost}``."""
+    model, setting = record["model"], record.get("setting", "default")
+    rows = []
+    result = record["result"]
+    for split, metrics in (("valid", result.get("best_valid_result")), ("test", result.get("test_result")),
+                           ("test_cold", result.get("test_cold_result"))):
+        for metric, value in (metrics or {}).items():
+            rows.append([dataset, model, setting, split, metric, float(value)])
+    for split, metric in COST_ROWS:
+        if metric in record["cost"]:
+            rows.append([dataset, model, setting, split, metric, float(record["cost"][metric])])
+    return rows
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(handle, "w", encoding="utf-8", newline="") as out:
+        out.write(text)
+    os.replace(temp, path)
+
+
+def write_csv(rows: Iterable[list[Any]], path: Path) -> None:
+    lines = [",".join(CSV_HEADER)]
+    for row in rows:
+        *keys, value = row
+        lines.append(",".join(str(k) for k in keys) + f",{value:.6g}")
+    _atomic_write(path, "\n".join(lines) + "\n")
+
+
+def markdown_table(records: list[dict[str, Any]], metrics: list[str] | None = None) -> str:
+    """One row per model: valid/test metrics, cost, and cost ratio to the first model."""
+    first_test = records[0]["result"]["test_result"] or {}
+    metrics = metrics or [m for m in first_test if m.split("@")[0] in ("ndcg", "recall", "hit", "mrr", "auc", "gauc")]
+    base_epoch = records[0]["cost"].get("sec_per_epoch") or float("nan")
+    header = (["model", "setting", f"valid {metrics[0]}"] + [f"test {m}" for m in metrics]
+              + ["s/epoch", f"s/epoch vs {records[0]['model']}", "epochs", "eval s", "peak MB"])
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for record in records:
+        valid = record["result"].get("best_valid_result") or {}
+        test = record["result"].get("test_result") or {}
+        cost = record["cost"]
+        cells = [record["model"], record.get("setting", "default"), f"{valid.get(metrics[0], float('nan')):.4f}"]
+        cells += [f"{test.get(m, float('nan')):.4f}" for m in metrics]
+        cells += [f"{cost['sec_per_epoch']:.1f}", f"{cost['sec_per_epoch'] / base_epoch:.2f}x",
+                  str(cost["epochs"]), f"{cost['eval_sec']:.1f}", f"{cost['peak_mem_mb']:.0f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def bar_chart(records: list[dict[str, Any]], path: Path, title: str) -> None:
+    """Test metrics (left) and seconds per epoch (right), one bar per model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    metrics = [m for m in (records[0]["result"]["test_result"] or {}) if m.split("@")[0] in ("ndcg", "recall", "hit", "mrr")]
+    labels = [r["model"] if r.get("setting", "default") == "default" else f"{r['model']}\n{r['setting']}" for r in records]
+    figure, (quality, cost) = plt.subplots(1, 2, figsize=(12, 4.5), gridspec_kw={"width_ratios": [3, 1]})
+    width = 0.8 / max(len(records), 1)
+    positions = np.arange(len(metrics))
+    for index, record in enumerate(records):
+        values = [record["result"]["test_result"].get(m, 0.0) for m in metrics]
+        quality.bar(positions + index * width, values, width, label=labels[index])
+    quality.set_xticks(positions + width * (len(records) - 1) / 2, metrics)
+    quality.set_ylabel("test value")
+    quality.legend(fontsize=8)
+    quality.set_title(title)
+    cost.bar(labels, [r["cost"]["sec_per_epoch"] for r in records], color="gray")
+    cost.set_ylabel("seconds per training epoch")
+    cost.tick_params(axis="x", labelrotation=45, labelsize=8)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temp = path.with_name(f".{path.stem}.tmp.png")
+    figure.savefig(temp, dpi=120)
+    plt.close(figure)
+    os.replace(temp, path)
+
+
+def write_comparison(records: list[dict[str, Any]], dataset: str, output_dir: Path, name: str,
+                     preface: str = "") -> None:
+    """Write ``<name>.csv``, ``<name>.md`` and ``<name>.png`` under ``output_dir``."""
+    output_dir = Path(output_dir)
+    write_csv([row for r in records for row in long_rows(r, dataset)], output_dir / f"{name}.csv")
+    text = f"# {name}\n\n{preface}{markdown_table(records)}"
+    _atomic_write(output_dir / f"{name}.md", text)
+    bar_chart(records, output_dir / f"{name}.png", f"{dataset}: test metrics")
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with open(path, encoding="utf-8") as handle:
+        return list(csv.DictReader(handle))
