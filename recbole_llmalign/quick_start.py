@@ -124,6 +124,31 @@ def run_recbole_llmalign(
     return result
 
 
+SEQUENTIAL_PROTOCOL = {"split": {"LS": "valid_and_test"}, "order": "TO", "group_by": "user", "mode": "full"}
+
+
+def shared_protocol(
+    models: list[str], dataset: str, config_file_list: list[str] | None, config_dict: dict[str, Any] | None
+) -> dict[str, Any]:
+    """One evaluation protocol for every compared model.
+
+    RecBole gives general models a random 80/10/10 split and sequential models a time-ordered
+    leave-one-out split, so Pop and SASRec would not be scored on the same test set. When the user
+    sets no ``eval_args`` and any model is sequential, every model gets the leave-one-out split
+    (the only one sequential models accept); otherwise the dataset's or RecBole's default applies.
+    """
+    from recbole.utils import ModelType
+
+    shared = dict(config_dict or {})
+    files = Config(model=models[0], dataset=dataset, config_file_list=config_file_list,
+                   config_dict=shared).external_config_dict
+    if "eval_args" in files or "eval_args" in shared:
+        return shared
+    if any(get_model(m).type == ModelType.SEQUENTIAL for m in models):
+        shared["eval_args"] = SEQUENTIAL_PROTOCOL
+    return shared
+
+
 def _run_in_child(args: tuple) -> tuple[dict[str, Any], dict[str, Any]]:
     result, cost = run_with_cost(*args)
     return result, asdict(cost)
@@ -148,6 +173,7 @@ def compare(
     from recbole_llmalign import report
 
     name = name or f"compare-{dataset}"
+    config_dict = shared_protocol(models, dataset, config_file_list, config_dict)
     records = []
     context = multiprocessing.get_context("spawn")
     progress = tqdm(models, desc=f"compare on {dataset}", unit="model")
@@ -155,7 +181,7 @@ def compare(
         progress.set_postfix_str(model)
         with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
             result, cost = pool.submit(
-                _run_in_child, (model, dataset, config_file_list, dict(config_dict or {}), saved)
+                _run_in_child, (model, dataset, config_file_list, dict(config_dict), saved)
             ).result()
         records.append({"model": model, "result": result, "cost": cost})
         report.write_comparison(records, dataset, Path(output_dir), name)  # partial results survive a crash

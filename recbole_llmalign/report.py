@@ -50,10 +50,19 @@ def write_csv(rows: Iterable[list[Any]], path: Path) -> None:
     _atomic_write(path, "\n".join(lines) + "\n")
 
 
+METRIC_ORDER = ("ndcg", "recall", "hit", "mrr", "auc", "gauc")
+
+
+def _ordered_metrics(result: dict[str, Any]) -> list[str]:
+    """Metrics shown in tables, NDCG first (the usual valid metric), precision left out."""
+    known = [m for m in result if m.split("@")[0] in METRIC_ORDER]
+    return sorted(known, key=lambda m: (METRIC_ORDER.index(m.split("@")[0]), m))
+
+
 def markdown_table(records: list[dict[str, Any]], metrics: list[str] | None = None) -> str:
     """One row per model: valid/test metrics, cost, and cost ratio to the first model."""
     first_test = records[0]["result"]["test_result"] or {}
-    metrics = metrics or [m for m in first_test if m.split("@")[0] in ("ndcg", "recall", "hit", "mrr", "auc", "gauc")]
+    metrics = metrics or _ordered_metrics(first_test)
     base_epoch = records[0]["cost"].get("sec_per_epoch") or float("nan")
     header = (["model", "setting", f"valid {metrics[0]}"] + [f"test {m}" for m in metrics]
               + ["s/epoch", f"s/epoch vs {records[0]['model']}", "epochs", "eval s", "peak MB"])
@@ -78,7 +87,7 @@ def bar_chart(records: list[dict[str, Any]], path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
     import numpy as np
 
-    metrics = [m for m in (records[0]["result"]["test_result"] or {}) if m.split("@")[0] in ("ndcg", "recall", "hit", "mrr")]
+    metrics = _ordered_metrics(records[0]["result"]["test_result"] or {})
     labels = [r["model"] if r.get("setting", "default") == "default" else f"{r['model']}\n{r['setting']}" for r in records]
     figure, (quality, cost) = plt.subplots(1, 2, figsize=(12, 4.5), gridspec_kw={"width_ratios": [3, 1]})
     width = 0.8 / max(len(records), 1)
