@@ -187,3 +187,31 @@ def compare(
         report.write_comparison(records, dataset, Path(output_dir), name)  # partial results survive a crash
     logging.getLogger(__name__).info(f"comparison written to {Path(output_dir) / name}.md/.csv/.png")
     return records
+
+
+def load_data_and_model(model_file: str | Path) -> tuple[Any, Any, Any, Any, Any, Any]:
+    """RecBole's ``load_data_and_model`` for plugin and RecBole checkpoints alike.
+
+    Returns ``(config, model, dataset, train_data, valid_data, test_data)``, the model in eval
+    mode on the config's device. The checkpoint is read on the CPU first, so a GPU-trained file
+    loads on a CPU-only machine.
+    """
+    from recbole_llmalign.compat import load_checkpoint
+
+    if not Path(model_file).is_file():
+        raise FileNotFoundError(f"Checkpoint {model_file} does not exist; pass a file from the run's checkpoint_dir (default saved/).")
+    checkpoint = load_checkpoint(model_file, map_location="cpu")
+    config = checkpoint["config"]
+    if not torch.cuda.is_available():
+        config["device"] = torch.device("cpu")
+    init_seed(config["seed"], config["reproducibility"])
+    init_logger(config)
+    prepare_dataset(config)
+    dataset = create_dataset(config)
+    train_data, valid_data, test_data = data_preparation(config, dataset)
+    init_seed(config["seed"], config["reproducibility"])
+    model = get_model(config["model"])(config, train_data._dataset).to(config["device"])
+    model.load_state_dict(checkpoint["state_dict"])
+    model.load_other_parameter(checkpoint.get("other_parameter"))
+    model.eval()
+    return config, model, dataset, train_data, valid_data, test_data

@@ -1,0 +1,104 @@
+"""One test per RecBole breakage on today's stack; each fails without its fix (compat.py or a pin)."""
+
+from __future__ import annotations
+
+import importlib
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import recbole_llmalign  # noqa: F401  (applies compat)
+from recbole_llmalign import compat
+from recbole_llmalign.config import Config
+from tests.conftest import cyclic_config, write_atomic
+
+
+def test_numpy_aliases_let_recbole_config_build(cyclic_dataset):
+    for name in compat.NUMPY_ALIASES:
+        assert hasattr(np, name), f"np.{name} missing: RecBole's Config and ray's loggers read it"
+    data_path, name = cyclic_dataset
+    config = Config(model="Pop", dataset=name, config_dict=cyclic_config(data_path))
+    assert config["model"] == "Pop"
+
+
+def test_quick_start_imports_in_a_fresh_interpreter():
+    """ray 2.6.3 (imported by recbole.quick_start) needs np.bool8 and pkg_resources (setuptools<81)."""
+    code = "import recbole_llmalign; from recbole.quick_start import run_recbole, load_data_and_model; print('ok')"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().endswith("ok")
+
+
+def test_sequential_models_leave_anomaly_detection_off():
+    importlib.import_module("recbole.model.sequential_recommender.sine")
+    assert not torch.is_anomaly_enabled(), "sine.py's set_detect_anomaly(True) leaked into the process"
+
+
+def test_pandas_pin_fills_empty_token_seq_cells(tmp_path):
+    """pandas 3 copy-on-write turns RecBole's fillna(inplace=True) into a no-op: empty cells stay NaN."""
+    from recbole.data import create_dataset
+
+    assert int(pd.__version__.split(".")[0]) < 3
+    rows = [[f"u{u}", f"i{i}", t] for u in range(1, 6) for t, i in enumerate(range(1, 6))]
+    write_atomic(tmp_path / "d" / "empty.inter", ["user_id:token", "item_id:token", "timestamp:float"], rows)
+    write_atomic(tmp_path / "d" / "empty.item", ["item_id:token", "genre:token_seq"],
+                 [[f"i{i}", "" if i == 3 else "Comedy Drama"] for i in range(1, 6)])
+    config = Config(model="Pop", dataset="empty", config_dict={"data_path": str(tmp_path / "d"), "state": "ERROR"})
+    dataset = create_dataset(config)
+    genre = dataset.item_feat["genre"]
+    empty_item = dataset.token2id("item_id", "i3")
+    assert genre[empty_item].sum().item() == 0  # padding only, no NaN crash
+
+
+def test_checkpoint_loads_back_best_resume_and_load_data_and_model(cyclic_dataset):
+    """torch >= 2.6 refuses RecBole's checkpoints (they pickle the Config) without compat."""
+    from recbole.data import create_dataset, data_preparation
+    from recbole.quick_start import load_data_and_model
+
+    from recbole_llmalign.quick_start import run_with_cost
+    from recbole_llmalign.trainer import with_run_controls
+    from recbole_llmalign.utils import get_model, get_trainer
+
+    data_path, name = cyclic_dataset
+    config_dict = cyclic_config(data_path, epochs=2)
+    result, _ = run_with_cost("GRU4Rec", name, config_dict=config_dict, saved=True)
+    assert result["test_result"]["ndcg@5"] >= 0
+    checkpoint = next(Path("saved").glob("GRU4Rec-*.pth"))
+
+    config, model, _, _, _, test_data = load_data_and_model(str(checkpoint))
+    assert type(model).__name__ == "GRU4Rec"
+    from recbole_llmalign.quick_start import load_data_and_model as plugin_load
+
+    _, reloaded, _, _, _, _ = plugin_load(checkpoint)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), reloaded.state_dict().values()))
+
+    config = Config(model="GRU4Rec", dataset=name, config_dict=dict(config_dict, epochs=3))
+    train_data, valid_data, _ = data_preparation(config, create_dataset(config))
+    model = get_model("GRU4Rec")(config, train_data._dataset)
+    trainer = with_run_controls(get_trainer(config["MODEL_TYPE"], "GRU4Rec"))(config, model)
+    trainer.resume_checkpoint(str(checkpoint))
+    assert trainer.start_epoch == 2
+    trainer.fit(train_data, valid_data, saved=False, show_progress=False)
+    assert len(trainer.epoch_train_seconds) == 1  # resumed at epoch 2 of 3
+
+
+def test_user_data_path_is_honoured_for_ml_100k(tmp_path):
+    config = Config(model="Pop", dataset="ml-100k", config_dict={"data_path": str(tmp_path)})
+    assert Path(config["data_path"]) == tmp_path / "ml-100k"
+    default = Config(model="Pop", dataset="ml-100k")
+    assert Path(default["data_path"]).resolve().parts[-2:] == ("dataset_example", "ml-100k")
+
+
+def test_scoped_checkpoint_loading_leaves_torch_load_safe(tmp_path):
+    """Only RecBole's own modules load pickled checkpoints; torch.load keeps weights_only=True."""
+    path = tmp_path / "obj.pt"
+    torch.save({"config": Path("x")}, path)
+    with pytest.raises(Exception):
+        torch.load(path)
+    assert compat.load_checkpoint(path)["config"] == Path("x")
