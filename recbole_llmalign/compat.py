@@ -37,6 +37,7 @@ MODULES_LOADING_OWN_CHECKPOINTS = (
 )
 
 _applied = False
+_torch_load = torch.load  # the real one, kept before any scoped replacement
 
 
 def add_numpy_aliases() -> None:
@@ -54,7 +55,7 @@ def load_checkpoint(path: Any, *args: Any, **kwargs: Any) -> Any:
     weights keep torch's safe default.
     """
     kwargs.setdefault("weights_only", False)
-    return torch.load(path, *args, **kwargs)
+    return _torch_load(path, *args, **kwargs)
 
 
 class _TorchWithCheckpointLoad(types.ModuleType):
@@ -89,12 +90,11 @@ def scope_checkpoint_loading() -> None:
 
         @functools.wraps(original)
         def load_data_and_model(model_file: str):  # type: ignore[no-untyped-def]
-            real_load = torch.load
             torch.load = load_checkpoint  # type: ignore[assignment]
             try:
                 return original(model_file)
             finally:
-                torch.load = real_load  # type: ignore[assignment]
+                torch.load = _torch_load  # type: ignore[assignment]
 
         load_data_and_model._loads_own_checkpoints = True  # type: ignore[attr-defined]
         quick_start.load_data_and_model = load_data_and_model

@@ -46,10 +46,12 @@ def test_pandas_pin_fills_empty_token_seq_cells(tmp_path):
 
     assert int(pd.__version__.split(".")[0]) < 3
     rows = [[f"u{u}", f"i{i}", t] for u in range(1, 6) for t, i in enumerate(range(1, 6))]
-    write_atomic(tmp_path / "d" / "empty.inter", ["user_id:token", "item_id:token", "timestamp:float"], rows)
-    write_atomic(tmp_path / "d" / "empty.item", ["item_id:token", "genre:token_seq"],
+    write_atomic(tmp_path / "d" / "empty" / "empty.inter", ["user_id:token", "item_id:token", "timestamp:float"], rows)
+    write_atomic(tmp_path / "d" / "empty" / "empty.item", ["item_id:token", "genre:token_seq"],
                  [[f"i{i}", "" if i == 3 else "Comedy Drama"] for i in range(1, 6)])
-    config = Config(model="Pop", dataset="empty", config_dict={"data_path": str(tmp_path / "d"), "state": "ERROR"})
+    config = Config(model="Pop", dataset="empty", config_dict={
+        "data_path": str(tmp_path / "d"), "state": "ERROR",
+        "load_col": {"inter": ["user_id", "item_id", "timestamp"], "item": ["item_id", "genre"]}})
     dataset = create_dataset(config)
     genre = dataset.item_feat["genre"]
     empty_item = dataset.token2id("item_id", "i3")

@@ -114,7 +114,7 @@ def test_amazon_converter_reads_2018_and_2023_json_lines_with_metadata(tmp_path)
     (tmp_path / "m18.json").write_text("\n".join(json.dumps(m) for m in meta_2018), encoding="utf-8")
     folder = convert_amazon(tmp_path / "r18.json.gz", tmp_path / "out", "g18", tmp_path / "m18.json")
     inter = (folder / "g18.inter").read_text(encoding="utf-8").splitlines()
-    assert inter[1].split("\t") == ["A1", "B2", "2.0", "1400000000.0", "", ""]  # sorted by time
+    assert inter[1].split("\t") == ["A1", "B2", "2.0", "1400000000", "", ""]  # sorted by time
     assert inter[2].split("\t")[4] == "Great game loved it"
     item = (folder / "g18.item").read_text(encoding="utf-8").splitlines()
     assert item[1:] == ["B1\tGame One\tLine a Line b\tGames PC"]
@@ -123,7 +123,7 @@ def test_amazon_converter_reads_2018_and_2023_json_lines_with_metadata(tmp_path)
                      "text": "Nice", "title": "ok"}]
     (tmp_path / "r23.jsonl").write_text(json.dumps(reviews_2023[0]), encoding="utf-8")
     folder = convert_amazon(tmp_path / "r23.jsonl", tmp_path / "out", "g23")
-    assert (folder / "g23.inter").read_text(encoding="utf-8").splitlines()[1] == "U1\tP1\t4.0\t1600000000.0\tNice\tok"
+    assert (folder / "g23.inter").read_text(encoding="utf-8").splitlines()[1] == "U1\tP1\t4.0\t1600000000\tNice\tok"
 
 
 def test_amazon_converter_names_missing_columns(tmp_path):

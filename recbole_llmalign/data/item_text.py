@@ -53,11 +53,11 @@ def item_texts(dataset: Any, fields: Sequence[str]) -> list[str]:
     frame = _read_atomic(path, [iid_field, *fields])
     token_to_id = dataset.field2token_id[iid_field]
     texts = [""] * dataset.item_num
-    for row in frame.itertuples(index=False):
-        internal_id = token_to_id.get(getattr(row, iid_field))
+    for token, *values in zip(frame[iid_field], *(frame[f] for f in fields)):
+        internal_id = token_to_id.get(token)
         if internal_id is None:
             continue  # filtered out of this dataset
-        values = [str(getattr(row, f)).strip() for f in fields]
+        values = [str(v).strip() for v in values]
         parts = [values[0]] + [f"{f}: {v}" for f, v in zip(fields[1:], values[1:]) if v]
         texts[internal_id] = "; ".join(p for p in parts if p)
     return texts
