@@ -83,6 +83,7 @@ def run_with_cost(
         test_data, load_best_model=has_best_checkpoint, show_progress=config["show_progress"]
     )
     eval_sec = time.perf_counter() - eval_start
+    test_cold_result = evaluate_cold_slice(config, trainer, train_data, test_data)
 
     logger.info("The running environment of this training is as follows:\n" + get_environment(config).draw())
     logger.info(set_color("best valid ", "yellow") + f": {best_valid_result}")
@@ -94,6 +95,9 @@ def run_with_cost(
         "best_valid_result": best_valid_result,
         "test_result": test_result,
     }
+    if test_cold_result is not None:
+        logger.info(set_color("test result, cold items", "yellow") + f": {test_cold_result}")
+        result["test_cold_result"] = test_cold_result
     epochs = len(trainer.epoch_train_seconds)
     cost = RunCost(
         epochs=epochs,
@@ -108,6 +112,33 @@ def run_with_cost(
     return result, cost
 
 
+def evaluate_cold_slice(config: Any, trainer: Any, train_data: Any, test_data: Any) -> dict[str, float] | None:
+    """Test metrics on the users whose test item had at most ``cold_item_threshold`` training interactions.
+
+    Returns None when the threshold is unset or no test item is that cold. Works for any model:
+    the same evaluator runs on a copy of the test loader restricted to those rows.
+    """
+    import numpy as np
+
+    from recbole_llmalign.data import training_pairs
+
+    threshold = config["cold_item_threshold"] if "cold_item_threshold" in config else None
+    if threshold is None:
+        return None
+    train_dataset, test_dataset = train_data._dataset, test_data._dataset
+    items = np.fromiter((item for _, item in training_pairs(train_dataset)), dtype=np.int64)
+    counts = np.bincount(items, minlength=train_dataset.item_num)
+    targets = test_dataset.inter_feat[test_dataset.iid_field].numpy()
+    cold_rows = np.flatnonzero(counts[targets] <= int(threshold))
+    if len(cold_rows) == 0:
+        return None
+    cold_loader = type(test_data)(config, test_dataset.copy(test_dataset.inter_feat[cold_rows]),
+                                  test_data._sampler, shuffle=False)
+    result = trainer.evaluate(cold_loader, load_best_model=False, show_progress=False)
+    result["n_users"] = float(len(cold_rows))
+    return result
+
+
 def run_recbole_llmalign(
     model: str | None = None,
     dataset: str | None = None,
@@ -118,7 +149,8 @@ def run_recbole_llmalign(
     """RecBole's ``run_recbole`` with the plugin's models, properties and compatibility fixes.
 
     Returns the same dict: ``best_valid_score``, ``valid_score_bigger``, ``best_valid_result``,
-    ``test_result``.
+    ``test_result``; plus ``test_cold_result`` (metrics on test users whose target item had at
+    most ``cold_item_threshold`` training interactions) when that slice is not empty.
     """
     result, _ = run_with_cost(model, dataset, config_file_list, config_dict, saved)
     return result

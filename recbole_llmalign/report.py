@@ -66,13 +66,18 @@ def markdown_table(records: list[dict[str, Any]], metrics: list[str] | None = No
     base_epoch = records[0]["cost"].get("sec_per_epoch") or float("nan")
     header = (["model", "setting", f"valid {metrics[0]}"] + [f"test {m}" for m in metrics]
               + ["s/epoch", f"s/epoch vs {records[0]['model']}", "epochs", "eval s", "peak MB"])
+    cold_metrics = metrics[:2] if any(r["result"].get("test_cold_result") for r in records) else []
+    header[3 + len(metrics):3 + len(metrics)] = [f"cold {m}" for m in cold_metrics] + (["cold users"] if cold_metrics else [])
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for record in records:
         valid = record["result"].get("best_valid_result") or {}
         test = record["result"].get("test_result") or {}
+        cold = record["result"].get("test_cold_result") or {}
         cost = record["cost"]
         cells = [record["model"], record.get("setting", "default"), f"{valid.get(metrics[0], float('nan')):.4f}"]
         cells += [f"{test.get(m, float('nan')):.4f}" for m in metrics]
+        if cold_metrics:
+            cells += [f"{cold.get(m, float('nan')):.4f}" for m in cold_metrics] + [f"{cold.get('n_users', 0):.0f}"]
         cells += [f"{cost['sec_per_epoch']:.1f}", f"{cost['sec_per_epoch'] / base_epoch:.2f}x",
                   str(cost["epochs"]), f"{cost['eval_sec']:.1f}", f"{cost['peak_mem_mb']:.0f}"]
         lines.append("| " + " | ".join(cells) + " |")

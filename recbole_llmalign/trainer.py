@@ -11,6 +11,9 @@ from __future__ import annotations
 import time
 from typing import Any
 
+import numpy as np
+from recbole.trainer import Trainer
+
 
 class TimeBudgetReached(Exception):
     """Raised between epochs when ``train_time_budget`` is used up; caught by quick_start."""
@@ -69,3 +72,44 @@ def with_run_controls(trainer_class: type) -> type:
     if trainer_class not in _wrapped:
         _wrapped[trainer_class] = type(trainer_class.__name__, (RunControlsMixin, trainer_class), {})
     return _wrapped[trainer_class]
+
+
+def all_positions_index(user_ids: np.ndarray, window: int) -> np.ndarray:
+    """Rows of a prefix-augmented training set that tile each user's history without overlap.
+
+    RecBole's sequential training set has one row per prefix (history -> next item), users'
+    rows contiguous and in time order. Keeping the user's last row and every ``window``-th row
+    before it gives windows whose targets cover every training interaction exactly once; with a
+    loss at every position, one pass over them is one pass over the data.
+    """
+    n_rows = len(user_ids)
+    is_last = np.r_[user_ids[1:] != user_ids[:-1], True]
+    ends = np.flatnonzero(is_last)
+    distance_to_end = ends[np.searchsorted(ends, np.arange(n_rows))] - np.arange(n_rows)
+    return np.flatnonzero(distance_to_end % window == 0)
+
+
+class AlignSASRecTrainer(RunControlsMixin, Trainer):
+    """RecBole's Trainer; in ``all_positions`` mode it trains on one window per user span."""
+
+    def fit(self, train_data: Any, valid_data: Any = None, *args: Any, **kwargs: Any) -> Any:
+        if getattr(self.model, "train_mode", "prefix") == "all_positions":
+            train_data = self._all_positions_loader(train_data)
+        return super().fit(train_data, valid_data, *args, **kwargs)
+
+    def _all_positions_loader(self, train_data: Any) -> Any:
+        from recbole.data.dataloader import TrainDataLoader
+
+        dataset = train_data._dataset
+        index = all_positions_index(dataset.inter_feat[dataset.uid_field].numpy(), self.config["MAX_ITEM_LIST_LENGTH"])
+        subset = dataset.copy(dataset.inter_feat[index])
+        batch_size = int(self.config["all_positions_batch_size"])
+
+        class WindowLoader(TrainDataLoader):
+            def _init_batch_size_and_step(self) -> None:
+                self.step = batch_size
+                self.set_batch_size(batch_size)
+
+        loader = WindowLoader(self.config, subset, train_data._sampler, shuffle=self.config["shuffle"])
+        self.logger.info(f"all_positions: {len(subset)} windows instead of {len(dataset)} prefixes per epoch.")
+        return loader

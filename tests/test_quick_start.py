@@ -24,7 +24,7 @@ def test_sasrec_metrics_equal_recboles_own_run_recbole():
                   load_col={"inter": ["user_id", "item_id", "rating", "timestamp"]})
     ours = run_recbole_llmalign("SASRec", "ml-100k", config_dict=dict(config), saved=True)
     theirs = run_recbole(model="SASRec", dataset="ml-100k", config_dict=dict(config), saved=True)
-    assert set(ours) == RESULT_KEYS == set(theirs)
+    assert set(theirs) == RESULT_KEYS and RESULT_KEYS <= set(ours)
     assert ours["test_result"] == theirs["test_result"]
     assert ours["best_valid_result"] == theirs["best_valid_result"]
     assert ours["test_result"]["ndcg@10"] > 0
@@ -49,7 +49,7 @@ def test_time_budget_stops_after_first_epoch_and_still_evaluates(cyclic_dataset)
     data_path, name = cyclic_dataset
     result, cost = run_with_cost("GRU4Rec", name, config_dict=cyclic_config(data_path, epochs=50, train_time_budget=1e-9))
     assert cost.epochs == 1
-    assert set(result) == RESULT_KEYS and result["test_result"]["ndcg@5"] >= 0
+    assert RESULT_KEYS <= set(result) and result["test_result"]["ndcg@5"] >= 0
 
 
 def test_sequential_model_beats_pop_on_a_cyclic_fixture(cyclic_dataset):

@@ -1,0 +1,141 @@
+"""AlignSASRec: SASRec whose items are fused with their text and aligned to it contrastively.
+
+Follows Align-LLMRec (text fusion on a contrastive CF backbone) and SeLLa-Rec's contrastive
+alignment. RecBole's SASRec supplies the transformer encoder; this class adds
+- item text: metadata through a sentence encoder, reviews (training interactions only) through a
+  BERT-family encoder, merged per item by cross-attention (``text/fusion.py``);
+- an item table that is ``id``, ``text`` or ``id+text`` (cold items score through their text);
+- next-item loss (CE over all items, or BPR with sampled negatives) plus InfoNCE between
+  (a) the sequence representation and the target's fused text, (b) item IDs and their text;
+- ``train_mode: all_positions``: each user window once with a causal mask and a loss at every
+  position (the original SASRec recipe), beside RecBole's ``prefix`` augmentation.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from recbole.model.sequential_recommender.sasrec import SASRec
+from recbole_llmalign.model.layers import info_nce
+from recbole_llmalign.text.features import item_text_features
+from recbole_llmalign.text.fusion import CrossAttentionFusion
+
+ITEM_REPRESENTATIONS = ("id", "text", "id+text")
+TRAIN_MODES = ("prefix", "all_positions")
+
+
+class AlignSASRec(SASRec):
+    """SASRec + text fusion + contrastive alignment (see module docstring)."""
+
+    def __init__(self, config: Any, dataset: Any) -> None:
+        super().__init__(config, dataset)
+        self.item_representation = config["item_representation"]
+        self.train_mode = config["train_mode"]
+        if self.item_representation not in ITEM_REPRESENTATIONS:
+            raise ValueError(f"item_representation must be one of {ITEM_REPRESENTATIONS}, got '{self.item_representation}'.")
+        if self.train_mode not in TRAIN_MODES:
+            raise ValueError(f"train_mode must be one of {TRAIN_MODES}, got '{self.train_mode}'.")
+        self.uses_text = self.item_representation != "id"
+        self.seq_text_align_weight = float(config["seq_text_align_weight"]) if self.uses_text else 0.0
+        self.id_text_align_weight = float(config["id_text_align_weight"]) if self.item_representation == "id+text" else 0.0
+        self.align_temperature = float(config["align_temperature"])
+        self.align_max_rows = int(config["align_max_rows"])
+        self.text_seconds = 0.0
+        if self.uses_text:
+            features = item_text_features(config, dataset)
+            self.text_seconds = float(features["seconds"])
+            # Buffers, not parameters: frozen encoder outputs, rebuilt from the cache on load.
+            self.register_buffer("text_meta", features["meta"], persistent=False)
+            self.register_buffer("text_has_meta", features["has_meta"], persistent=False)
+            self.register_buffer("text_reviews", features["reviews"], persistent=False)
+            self.register_buffer("text_review_mask", features["review_mask"], persistent=False)
+            review_dim = max(int(features["reviews"].size(-1)), 1)
+            self.fusion = CrossAttentionFusion(features["meta"].size(-1), review_dim, self.hidden_size,
+                                               n_heads=int(config["fusion_heads"]), dropout=self.hidden_dropout_prob)
+            self.fusion.apply(self._init_weights)
+        self._eval_table: torch.Tensor | None = None
+
+    # ---- item side ----
+    def fused_text(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(fused text vector per item [N, H], attention weights [N, 1+R]: slot 0 metadata, then reviews)."""
+        return self.fusion(self.text_meta, self.text_has_meta, self.text_reviews, self.text_review_mask)
+
+    def _item_table(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(item vectors used for input and scoring [N, H], fused text [N, H] or None)."""
+        if not self.uses_text:
+            return self.item_embedding.weight, None
+        fused, _ = self.fused_text()
+        if self.item_representation == "text":
+            return fused, fused
+        return self.item_embedding.weight + fused, fused
+
+    def _scoring_table(self) -> torch.Tensor:
+        """Item table, computed once per evaluation (cached until the model trains again)."""
+        if self.training:
+            return self._item_table()[0]
+        if self._eval_table is None:
+            self._eval_table = self._item_table()[0].detach()
+        return self._eval_table
+
+    def train(self, mode: bool = True) -> "AlignSASRec":
+        self._eval_table = None
+        return super().train(mode)
+
+    # ---- sequence side ----
+    def _encode(self, item_seq: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+        """Transformer output at every position [B, L, H] (causal mask, as SASRec)."""
+        positions = torch.arange(item_seq.size(1), device=item_seq.device).unsqueeze(0).expand_as(item_seq)
+        items = table[item_seq] * (item_seq > 0).unsqueeze(-1)
+        hidden = self.dropout(self.LayerNorm(items + self.position_embedding(positions)))
+        return self.trm_encoder(hidden, self.get_attention_mask(item_seq), output_all_encoded_layers=True)[-1]
+
+    def _user_vectors(self, interaction: Any, table: torch.Tensor) -> torch.Tensor:
+        output = self._encode(interaction[self.ITEM_SEQ], table)
+        return self.gather_indexes(output, interaction[self.ITEM_SEQ_LEN] - 1)
+
+    def forward(self, item_seq: torch.Tensor, item_seq_len: torch.Tensor) -> torch.Tensor:
+        table = self._scoring_table()
+        return self.gather_indexes(self._encode(item_seq, table), item_seq_len - 1)
+
+    # ---- training ----
+    def _training_pairs(self, interaction: Any, table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sequence vectors, their target item ids): last position only, or every position."""
+        item_seq, seq_len = interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN]
+        target = interaction[self.POS_ITEM_ID]
+        output = self._encode(item_seq, table)
+        if self.train_mode == "prefix":
+            return self.gather_indexes(output, seq_len - 1), target
+        targets = torch.zeros_like(item_seq)
+        targets[:, :-1] = item_seq[:, 1:]
+        targets.scatter_(1, (seq_len - 1).unsqueeze(1), target.unsqueeze(1))
+        valid = targets > 0
+        return output[valid], targets[valid]
+
+    def calculate_loss(self, interaction: Any) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        table, fused = self._item_table()
+        vectors, targets = self._training_pairs(interaction, table)
+        if self.loss_type == "CE":
+            next_item_loss = F.cross_entropy(vectors @ table.T, targets)
+        else:  # BPR against one uniformly sampled negative per target
+            negatives = torch.randint(1, self.n_items, targets.shape, device=targets.device)
+            next_item_loss = self.loss_fct((vectors * table[targets]).sum(-1), (vectors * table[negatives]).sum(-1))
+        if fused is None or (self.seq_text_align_weight == 0 and self.id_text_align_weight == 0):
+            return next_item_loss
+        rows = torch.randperm(targets.numel(), device=targets.device)[: self.align_max_rows]
+        align = self.seq_text_align_weight * info_nce(vectors[rows], fused[targets[rows]], self.align_temperature, targets[rows])
+        if self.id_text_align_weight > 0:
+            items = torch.unique(torch.cat([targets, interaction[self.ITEM_SEQ].flatten()]))
+            items = items[items > 0][: self.align_max_rows]
+            align = align + self.id_text_align_weight * info_nce(self.item_embedding(items), fused[items], self.align_temperature)
+        return next_item_loss, align
+
+    # ---- scoring ----
+    def predict(self, interaction: Any) -> torch.Tensor:
+        table = self._scoring_table()
+        return (self._user_vectors(interaction, table) * table[interaction[self.ITEM_ID]]).sum(-1)
+
+    def full_sort_predict(self, interaction: Any) -> torch.Tensor:
+        table = self._scoring_table()
+        return self._user_vectors(interaction, table) @ table.T
