@@ -1,0 +1,182 @@
+"""AlignSASRec and its text side: fusion masks, cache integrity, alignment, cold items, training modes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import recbole_llmalign  # noqa: F401
+from recbole_llmalign.model.layers import info_nce
+from recbole_llmalign.text.cache import EmbeddingCache, cache_key
+from recbole_llmalign.text.fusion import CrossAttentionFusion
+from recbole_llmalign.trainer import all_positions_index
+from tests.conftest import cyclic_config, write_atomic
+
+
+def test_fusion_masks_missing_reviews_and_falls_back_for_items_without_text():
+    torch.manual_seed(0)
+    fusion = CrossAttentionFusion(meta_dim=8, review_dim=6, hidden_size=16, n_heads=2, dropout=0.0).eval()
+    meta = torch.randn(4, 8)
+    has_meta = torch.tensor([True, True, False, False])
+    reviews = torch.randn(4, 3, 6)
+    review_mask = torch.tensor([[True, True, False], [False, False, False], [True, False, False], [False, False, False]])
+    fused, weights = fusion(meta, has_meta, reviews, review_mask)
+    assert fused.shape == (4, 16) and weights.shape == (4, 4)
+    assert torch.isfinite(fused).all()
+    assert torch.all(weights[0, 3] == 0) and torch.allclose(weights[0].sum(), torch.tensor(1.0))
+    assert torch.allclose(weights[1], torch.tensor([1.0, 0, 0, 0]))  # metadata only
+    assert weights[2, 0] == 0 and torch.allclose(weights[2, 1], torch.tensor(1.0))  # one review, no metadata
+    assert torch.all(weights[3] == 0) and torch.equal(fused[3], fusion.fallback.detach())  # no text at all
+    # Changing a masked review changes nothing.
+    reviews_changed = reviews.clone()
+    reviews_changed[0, 2] += 100
+    assert torch.allclose(fusion(meta, has_meta, reviews_changed, review_mask)[0], fused)
+
+
+def test_cache_detects_corruption_and_stale_keys(tmp_path):
+    cache = EmbeddingCache(tmp_path)
+    key = cache_key(dataset="d", encoder="e", texts=["a", "b"])
+    builds = []
+
+    def build():
+        builds.append(1)
+        return {"embedding": np.arange(6, dtype=np.float32).reshape(2, 3)}
+
+    first, hit = cache.get_or_build("d-meta", key, build)
+    assert not hit and len(builds) == 1
+    second, hit = cache.get_or_build("d-meta", key, build)
+    assert hit and len(builds) == 1 and np.array_equal(first["embedding"], second["embedding"])
+
+    path = cache.path("d-meta", key)
+    raw = bytearray(path.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    path.write_bytes(bytes(raw))
+    assert cache.load("d-meta", key) is None  # corrupt: not trusted
+    _, hit = cache.get_or_build("d-meta", key, build)
+    assert not hit and len(builds) == 2
+
+    path.write_bytes(b"not a zip file")
+    assert cache.load("d-meta", key) is None
+    other_key = cache_key(dataset="d", encoder="e", texts=["a", "changed"])
+    assert other_key != key and cache.load("d-meta", other_key) is None
+
+
+def test_info_nce_ignores_duplicate_targets_as_negatives():
+    anchors = torch.eye(3)
+    positives = torch.eye(3)
+    ids = torch.tensor([5, 5, 7])
+    aligned = info_nce(anchors, positives, 0.1, ids)
+    shuffled = info_nce(anchors, positives[[2, 0, 1]], 0.1)
+    assert aligned < shuffled
+
+
+def test_all_positions_windows_cover_every_training_target_once():
+    users = np.array([1] * 12 + [2] * 3 + [3] * 1)
+    index = all_positions_index(users, window=5)
+    assert index.tolist() == [1, 6, 11, 14, 15]
+    # Each kept row's window (its last `window` targets) tiles the user's rows exactly.
+    covered = []
+    for row in index:
+        start = row
+        while start > 0 and users[start - 1] == users[row] and row - start + 1 < 5:
+            start -= 1
+        covered.extend(range(start, row + 1))
+    assert sorted(covered) == list(range(len(users)))
+
+
+def _build(config_dict: dict, dataset: str = "cyclic"):
+    from recbole.data import create_dataset, data_preparation
+
+    from recbole_llmalign.config import Config
+    from recbole_llmalign.data import prepare_dataset
+    from recbole_llmalign.utils import get_model
+
+    config = Config(model="AlignSASRec", dataset=dataset, config_dict=config_dict)
+    prepare_dataset(config)
+    data = create_dataset(config)
+    train, valid, test = data_preparation(config, data)
+    model = get_model("AlignSASRec")(config, train._dataset)
+    return config, data, model, (train, valid, test)
+
+
+def test_alignment_loss_falls_and_item_table_is_computed_once_per_evaluation(cyclic_dataset):
+    from recbole_llmalign.trainer import AlignSASRecTrainer
+
+    data_path, _ = cyclic_dataset
+    config, _, model, (train, valid, _) = _build(cyclic_config(
+        data_path, item_text_fields=["title", "genre"], epochs=8, hidden_dropout_prob=0.1, attn_dropout_prob=0.1,
+        id_text_align_weight=1.0, seq_text_align_weight=1.0, eval_batch_size=16))
+    batch = next(iter(train))
+    model.eval()
+    with torch.no_grad():
+        before = model.calculate_loss(batch)[1].item()
+    trainer = AlignSASRecTrainer(config, model)
+    trainer.fit(train, valid, saved=False, show_progress=False)
+    model.eval()
+    with torch.no_grad():
+        after = model.calculate_loss(batch)[1].item()
+    assert after < 0.8 * before
+
+    calls = []
+    model.fusion.register_forward_hook(lambda *args: calls.append(1))
+    trainer.evaluate(valid, load_best_model=False, show_progress=False)  # 120 users in batches of 16
+    assert len(calls) == 1
+
+
+def _cold_item_fixture(root) -> None:
+    """Two taste groups with real-language titles; two items nobody interacted with.
+
+    Space fans only see space-opera films, cooks only see cookware. The cold items are a new
+    space film and a new frying pan: a user's score should follow the text of the cold item.
+    """
+    space = ["Galactic Empire Space War", "Starship Battle Among The Stars", "Alien Planet Invasion Space Fleet",
+             "Space Station Rescue Mission", "Rocket Astronaut Journey To Mars", "Interstellar Star Fleet Commander"]
+    kitchen = ["Nonstick Frying Pan Cookware", "Stainless Steel Cooking Pot", "Cast Iron Skillet For Kitchen",
+               "Chef Knife For Cooking", "Kitchen Saucepan With Lid", "Baking Sheet Pan Cookware"]
+    items = [(f"s{i}", t) for i, t in enumerate(space)] + [(f"k{i}", t) for i, t in enumerate(kitchen)]
+    items += [("cold_space", "Space Fleet Star War Galaxy Battle"), ("cold_pan", "Frying Pan Skillet Cookware")]
+    rows = []
+    rng = np.random.default_rng(0)
+    for user in range(60):
+        pool = [f"s{i}" for i in range(6)] if user % 2 == 0 else [f"k{i}" for i in range(6)]
+        for step, item in enumerate(rng.choice(pool, size=10)):
+            rows.append([f"u{user}", item, step])
+    write_atomic(root / "cold" / "cold.inter", ["user_id:token", "item_id:token", "timestamp:float"], rows)
+    write_atomic(root / "cold" / "cold.item", ["item_id:token", "title:token_seq"], [list(i) for i in items])
+
+
+def test_cold_item_with_matching_text_outranks_cold_item_with_unrelated_text(tmp_path):
+    from recbole_llmalign.trainer import AlignSASRecTrainer
+
+    _cold_item_fixture(tmp_path / "data")
+    config_dict = cyclic_config(str(tmp_path / "data"), item_text_fields=["title"], epochs=15,
+                                load_col={"inter": ["user_id", "item_id", "timestamp"], "item": ["item_id", "title"]},
+                                hidden_dropout_prob=0.1, attn_dropout_prob=0.1)
+    config, data, model, (train, valid, test) = _build(config_dict, "cold")
+    AlignSASRecTrainer(config, model).fit(train, valid, saved=False, show_progress=False)
+    model.eval()
+    cold_space, cold_pan = data.token2id("item_id", ["cold_space", "cold_pan"])
+    wins = total = 0
+    with torch.no_grad():
+        for batch in test:
+            interaction = batch[0]
+            scores = model.full_sort_predict(interaction)
+            users = [data.id2token("user_id", u) for u in interaction["user_id"].tolist()]
+            space_fan = torch.tensor([int(u[1:]) % 2 == 0 for u in users])
+            prefers_space = scores[:, cold_space] > scores[:, cold_pan]
+            wins += int((prefers_space == space_fan).sum())
+            total += len(users)
+    assert wins / total >= 0.9
+
+
+def test_id_only_setting_needs_no_text(cyclic_dataset):
+    data_path, _ = cyclic_dataset
+    _, _, model, _ = _build(cyclic_config(data_path, item_representation="id"))
+    assert not hasattr(model, "fusion")
+
+
+def test_unknown_setting_values_are_rejected(cyclic_dataset):
+    data_path, _ = cyclic_dataset
+    with pytest.raises(ValueError, match="train_mode must be one of"):
+        _build(cyclic_config(data_path, item_text_fields=["title"], train_mode="every"))
