@@ -22,7 +22,6 @@ class CrossAttentionFusion(nn.Module):
         self.query_without_meta = nn.Parameter(torch.zeros(hidden_size))  # query for items with reviews only
         self.fallback = nn.Parameter(torch.zeros(hidden_size))  # items with no text at all
         self.attention = nn.MultiheadAttention(hidden_size, n_heads, dropout=dropout, batch_first=True)
-        self.output_norm = nn.LayerNorm(hidden_size)
         nn.init.normal_(self.query_without_meta, std=0.02)
         nn.init.normal_(self.fallback, std=0.02)
 
@@ -46,7 +45,9 @@ class CrossAttentionFusion(nn.Module):
         safe_present[~has_text, 0] = True
         fused, weights = self.attention(query.unsqueeze(1), keys, keys, key_padding_mask=~safe_present,
                                         need_weights=True, average_attn_weights=True)
-        fused = self.output_norm(fused.squeeze(1) + query)
+        # No output normalisation: the fused vector keeps the scale of the projections, so summed
+        # with an ID embedding (id+text) neither side swamps the other at initialisation.
+        fused = fused.squeeze(1) + query
         fused = torch.where(has_text.unsqueeze(-1), fused, self.fallback.expand_as(fused))
         weights = weights.squeeze(1) * has_text.unsqueeze(-1)
         return fused, weights
