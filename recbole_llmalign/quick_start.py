@@ -31,6 +31,8 @@ class RunCost:
     """What a run cost: per-epoch training seconds, evaluation seconds, peak memory."""
 
     epochs: int = 0
+    best_epoch: int = 0
+    time_to_best_sec: float = 0.0
     train_sec: float = 0.0
     sec_per_epoch: float = 0.0
     valid_sec: float = 0.0
@@ -101,11 +103,14 @@ def run_with_cost(
     epochs = len(trainer.epoch_train_seconds)
     cost = RunCost(
         epochs=epochs,
+        best_epoch=trainer.best_epoch,
+        time_to_best_sec=trainer.time_to_best,
         train_sec=sum(trainer.epoch_train_seconds),
         sec_per_epoch=sum(trainer.epoch_train_seconds) / max(epochs, 1),
         valid_sec=sum(trainer.valid_seconds) / max(len(trainer.valid_seconds), 1),
         eval_sec=eval_sec,
         peak_mem_mb=peak_memory_mb(config["device"]),
+        extra={"text_sec": float(getattr(model_obj, "text_seconds", 0.0))},
     )
     if not config["single_spec"]:
         torch.distributed.destroy_process_group()
@@ -187,7 +192,7 @@ def _run_in_child(args: tuple) -> tuple[dict[str, Any], dict[str, Any]]:
 
 
 def compare(
-    models: list[str],
+    models: list[str | tuple[str, str, dict[str, Any]]],
     dataset: str,
     config_file_list: list[str] | None = None,
     config_dict: dict[str, Any] | None = None,
@@ -197,7 +202,8 @@ def compare(
 ) -> list[dict[str, Any]]:
     """Run every model with one shared config and seed; write a Markdown table, CSV and PNG.
 
-    Each model runs in a fresh process so its peak memory is its own and no state leaks from one
+    ``models`` holds names, or ``(name, setting, overrides)`` for an ablation: ``overrides`` are
+    applied on top of the shared config for that run only. Each model runs in a fresh process so its peak memory is its own and no state leaks from one
     run to the next. Returns one record per model (see ``report.records_from_run``).
     """
     from tqdm import tqdm
@@ -205,17 +211,18 @@ def compare(
     from recbole_llmalign import report
 
     name = name or f"compare-{dataset}"
-    config_dict = shared_protocol(models, dataset, config_file_list, config_dict)
+    runs = [(m, "default", {}) if isinstance(m, str) else m for m in models]
+    config_dict = shared_protocol([model for model, _, _ in runs], dataset, config_file_list, config_dict)
     records = []
     context = multiprocessing.get_context("spawn")
-    progress = tqdm(models, desc=f"compare on {dataset}", unit="model")
-    for model in progress:
-        progress.set_postfix_str(model)
+    progress = tqdm(runs, desc=f"compare on {dataset}", unit="run")
+    for model, setting, overrides in progress:
+        progress.set_postfix_str(f"{model} ({setting})")
         with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
             result, cost = pool.submit(
-                _run_in_child, (model, dataset, config_file_list, dict(config_dict), saved)
+                _run_in_child, (model, dataset, config_file_list, {**config_dict, **overrides}, saved)
             ).result()
-        records.append({"model": model, "result": result, "cost": cost})
+        records.append({"model": model, "setting": setting, "result": result, "cost": cost})
         report.write_comparison(records, dataset, Path(output_dir), name)  # partial results survive a crash
     logging.getLogger(__name__).info(f"comparison written to {Path(output_dir) / name}.md/.csv/.png")
     return records

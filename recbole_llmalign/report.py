@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any, Iterable
 
 CSV_HEADER = ["dataset", "model", "setting", "split", "metric", "value"]
-COST_ROWS = (("train", "sec_per_epoch"), ("train", "epochs"), ("train", "train_sec"),
-             ("train", "peak_mem_mb"), ("test", "eval_sec"))
+COST_ROWS = (("train", "sec_per_epoch"), ("train", "epochs"), ("train", "best_epoch"), ("train", "train_sec"),
+             ("train", "time_to_best_sec"), ("train", "peak_mem_mb"), ("test", "eval_sec"))
 
 
 def long_rows(record: dict[str, Any], dataset: str) -> list[list[Any]]:
@@ -31,6 +31,8 @@ def long_rows(record: dict[str, Any], dataset: str) -> list[list[Any]]:
     for split, metric in COST_ROWS:
         if metric in record["cost"]:
             rows.append([dataset, model, setting, split, metric, float(record["cost"][metric])])
+    for metric, value in (record["cost"].get("extra") or {}).items():
+        rows.append([dataset, model, setting, "train", metric, float(value)])
     return rows
 
 
@@ -65,7 +67,7 @@ def markdown_table(records: list[dict[str, Any]], metrics: list[str] | None = No
     metrics = metrics or _ordered_metrics(first_test)
     base_epoch = records[0]["cost"].get("sec_per_epoch") or float("nan")
     header = (["model", "setting", f"valid {metrics[0]}"] + [f"test {m}" for m in metrics]
-              + ["s/epoch", f"s/epoch vs {records[0]['model']}", "epochs", "eval s", "peak MB"])
+              + ["s/epoch", f"s/epoch vs {records[0]['model']}", "epochs (best)", "s to best", "eval s", "peak MB"])
     cold_metrics = metrics[:2] if any(r["result"].get("test_cold_result") for r in records) else []
     header[3 + len(metrics):3 + len(metrics)] = [f"cold {m}" for m in cold_metrics] + (["cold users"] if cold_metrics else [])
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -79,7 +81,8 @@ def markdown_table(records: list[dict[str, Any]], metrics: list[str] | None = No
         if cold_metrics:
             cells += [f"{cold.get(m, float('nan')):.4f}" for m in cold_metrics] + [f"{cold.get('n_users', 0):.0f}"]
         cells += [f"{cost['sec_per_epoch']:.1f}", f"{cost['sec_per_epoch'] / base_epoch:.2f}x",
-                  str(cost["epochs"]), f"{cost['eval_sec']:.1f}", f"{cost['peak_mem_mb']:.0f}"]
+                  f"{cost['epochs']} ({cost.get('best_epoch', 0)})", f"{cost.get('time_to_best_sec', 0.0):.0f}",
+                  f"{cost['eval_sec']:.1f}", f"{cost['peak_mem_mb']:.0f}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

@@ -31,6 +31,8 @@ class RunControlsMixin:
         self.train_time_budget: float | None = float(budget) if budget else None
         self.epoch_train_seconds: list[float] = []
         self.valid_seconds: list[float] = []
+        self.time_to_best: float = 0.0  # seconds from fit start to the end of the best validation
+        self.best_epoch: int = 0
         self._fit_started: float | None = None
 
     def _train_epoch(self, train_data: Any, epoch_idx: int, *args: Any, **kwargs: Any) -> Any:
@@ -49,7 +51,13 @@ class RunControlsMixin:
     def _valid_epoch(self, *args: Any, **kwargs: Any) -> Any:
         start = time.perf_counter()
         result = super()._valid_epoch(*args, **kwargs)  # type: ignore[misc]
-        self.valid_seconds.append(time.perf_counter() - start)
+        now = time.perf_counter()
+        self.valid_seconds.append(now - start)
+        score, best = result[0], self.best_valid_score  # type: ignore[attr-defined]
+        improved = score >= best if self.valid_metric_bigger else score <= best  # type: ignore[attr-defined]
+        if improved and self._fit_started is not None:
+            self.time_to_best = now - self._fit_started
+            self.best_epoch = len(self.epoch_train_seconds)
         return result
 
     def fit(self, train_data: Any, valid_data: Any = None, *args: Any, **kwargs: Any) -> Any:
