@@ -82,3 +82,23 @@ def test_compare_writes_table_csv_and_chart_on_one_protocol(cyclic_dataset, tmp_
     # equals hit for both models (under an 80/10/10 random split Pop would see several per user).
     for record in records:
         assert record["result"]["test_result"]["recall@5"] == record["result"]["test_result"]["hit@5"]
+
+
+def test_cold_slice_holds_exactly_the_users_whose_test_item_is_rare(tmp_path):
+    """Users 0-4 end on an item nobody trained on; the others end on a popular item they have not seen."""
+    from tests.conftest import write_atomic
+
+    rows = []
+    for user in range(20):
+        history = [f"p{(user + step) % 12}" for step in range(6)]
+        last = f"rare{user}" if user < 5 else f"p{(user + 6) % 12}"
+        for step, item in enumerate(history + [last]):
+            rows.append([f"u{user}", item, step])
+    write_atomic(tmp_path / "d" / "coldslice" / "coldslice.inter", ["user_id:token", "item_id:token", "timestamp:float"], rows)
+    # No negative sampling: RecBole's Pop would otherwise count sampled negatives as interactions.
+    config = cyclic_config(str(tmp_path / "d"), cold_item_threshold=0, train_neg_sample_args=None)
+    result, _ = run_with_cost("Pop", "coldslice", config_dict=config)
+    assert result["test_cold_result"]["n_users"] == 5
+    # Six unseen popular items outrank a never-trained item in Pop's top 5.
+    assert result["test_cold_result"]["hit@5"] == 0.0
+    assert result["test_result"]["hit@5"] > 0.5
