@@ -180,3 +180,24 @@ def test_unknown_setting_values_are_rejected(cyclic_dataset):
     data_path, _ = cyclic_dataset
     with pytest.raises(ValueError, match="train_mode must be one of"):
         _build(cyclic_config(data_path, item_text_fields=["title"], train_mode="every"))
+
+
+def test_reviews_only_items_are_encoded_from_training_reviews_and_attended(tmp_path):
+    """A dataset without metadata (as Amazon review dumps): item text comes from reviews alone."""
+    rows = []
+    for user in range(1, 9):
+        for step in range(5):
+            item = (user + step) % 6 + 1
+            rows.append([f"u{user}", f"i{item}", 1000 + step, f"great sound on item {item}, says user {user}"])
+    write_atomic(tmp_path / "data" / "revonly" / "revonly.inter",
+                 ["user_id:token", "item_id:token", "timestamp:float", "review:token_seq"], rows)
+    _, _, model, _ = _build(cyclic_config(str(tmp_path / "data"), item_text_fields=[], review_field="review",
+                                          max_reviews_per_item=3, load_col={"inter": ["user_id", "item_id", "timestamp"]}),
+                            "revonly")
+    assert model.text_review_mask.any(dim=1)[1:].all()  # every real item has a training review
+    assert not model.text_has_meta.any()
+    model.eval()
+    with torch.no_grad():
+        fused, weights = model.fused_text()
+    assert torch.isfinite(fused).all()
+    assert torch.allclose(weights[1:, 1:].sum(dim=1), torch.ones(weights.size(0) - 1))  # all weight on reviews

@@ -112,11 +112,33 @@ def _prepare_shared_copy(config: Any) -> None:
     )
 
 
+AMAZON_MI_SOURCE = "amazon-mi-reviews/Musical_Instruments_reviews_2014_partial.csv"
+
+
+def _prepare_amazon_mi(config: Any) -> None:
+    """Convert the shared Amazon 2014 Musical Instruments review CSV into atomic files once."""
+    from recbole_llmalign.data.amazon import convert_amazon
+
+    target = Path(config["data_path"])
+    if verify_dataset_dir(target):
+        return
+    source = shared_data_dir() / AMAZON_MI_SOURCE
+    if not source.is_file():
+        raise FileNotFoundError(
+            f"Dataset 'amazon-mi-reviews' is built from {source}, which does not exist. Set "
+            f"{SHARED_DATA_ENV} to the folder holding '{AMAZON_MI_SOURCE}', or convert your own dump with "
+            "`python run_recbole_llmalign.py convert-amazon`."
+        )
+    logger.info(f"Converting {source} into {target} (first use; reused afterwards).")
+    convert_amazon(source, target.parent, target.name)
+
+
 # Datasets the plugin knows how to find or build without network access.
 OFFLINE_DATASETS: dict[str, Callable[[Any], None] | None] = {
     "ml-100k": None,  # RecBole's own wheel ships it; nothing to build
     "ml-1m": _prepare_ml1m,
     "amazon-games": _prepare_shared_copy,
+    "amazon-mi-reviews": _prepare_amazon_mi,
 }
 
 

@@ -37,29 +37,34 @@ def item_text_features(config: Any, train_dataset: Any) -> dict[str, torch.Tenso
     cache = EmbeddingCache(_get(config, "text_cache_dir", "saved/text_cache"))
     dataset_name = config["dataset"]
     fields = list(_get(config, "item_text_fields", []))
-    if not fields:
+    review_field = _get(config, "review_field", None)
+    max_reviews = int(_get(config, "max_reviews_per_item", 0))
+    if not fields and not (review_field and max_reviews > 0):
         raise ValueError(
-            f"Dataset '{dataset_name}' has no item_text_fields: set them in its YAML or config "
-            "(e.g. item_text_fields: [title]), or use item_representation: id."
+            f"Dataset '{dataset_name}' has no item_text_fields and no review_field: set either in its YAML or "
+            "config (e.g. item_text_fields: [title]), or use item_representation: id."
         )
     show_progress = bool(_get(config, "show_progress", True))
     start = time.perf_counter()
 
-    texts = item_texts(train_dataset, fields)
-    encoder = resolve_sentence_encoder(_get(config, "text_encoder", None))
-    key = cache_key(kind="meta", dataset=dataset_name, encoder=encoder,
-                    fields=fields, texts=texts)
-    meta_arrays, meta_hit = cache.get_or_build(
-        f"{dataset_name}-meta", key,
-        lambda: {"embedding": encode_sentences(texts, encoder, show_progress=show_progress)},
-    )
-    meta = torch.from_numpy(meta_arrays["embedding"])
-    has_meta = torch.tensor([bool(t) for t in texts])
+    meta_hit = True
+    if fields:
+        texts = item_texts(train_dataset, fields)
+        encoder = resolve_sentence_encoder(_get(config, "text_encoder", None))
+        key = cache_key(kind="meta", dataset=dataset_name, encoder=encoder, fields=fields, texts=texts)
+        meta_arrays, meta_hit = cache.get_or_build(
+            f"{dataset_name}-meta", key,
+            lambda: {"embedding": encode_sentences(texts, encoder, show_progress=show_progress)},
+        )
+        meta = torch.from_numpy(meta_arrays["embedding"])
+        has_meta = torch.tensor([bool(t) for t in texts])
+    else:  # reviews only: no metadata slot is ever attended to
+        meta = torch.zeros(train_dataset.item_num, 1)
+        has_meta = torch.zeros(train_dataset.item_num, dtype=torch.bool)
+    n_items = train_dataset.item_num
 
-    max_reviews = int(_get(config, "max_reviews_per_item", 0))
-    review_field = _get(config, "review_field", None)
-    reviews = torch.zeros(len(texts), 0, 1)
-    review_mask = torch.zeros(len(texts), 0, dtype=torch.bool)
+    reviews = torch.zeros(n_items, 0, 1)
+    review_mask = torch.zeros(n_items, 0, dtype=torch.bool)
     review_hit = None
     if review_field and max_reviews > 0:
         per_item = item_reviews(train_dataset, review_field, max_reviews)
@@ -74,8 +79,8 @@ def item_text_features(config: Any, train_dataset: Any) -> dict[str, torch.Tenso
                      if flat else np.zeros((0, 1), dtype=np.float32)},
         )
         embedding = torch.from_numpy(arrays["embedding"])
-        reviews = torch.zeros(len(texts), max_reviews, embedding.size(-1))
-        review_mask = torch.zeros(len(texts), max_reviews, dtype=torch.bool)
+        reviews = torch.zeros(n_items, max_reviews, embedding.size(-1))
+        review_mask = torch.zeros(n_items, max_reviews, dtype=torch.bool)
         offset = 0
         for item, texts_of_item in enumerate(per_item):
             count = len(texts_of_item)
@@ -84,7 +89,7 @@ def item_text_features(config: Any, train_dataset: Any) -> dict[str, torch.Tenso
             offset += count
     elapsed = time.perf_counter() - start
     logger.info(
-        f"Item text features for {dataset_name}: {int(has_meta.sum())}/{len(texts) - 1} items with metadata "
+        f"Item text features for {dataset_name}: {int(has_meta.sum())}/{n_items - 1} items with metadata "
         f"({'cache hit' if meta_hit else 'encoded'}), {int(review_mask.any(1).sum())} with reviews"
         f"{'' if review_hit is None else (' (cache hit)' if review_hit else ' (encoded)')}, {elapsed:.2f} s."
     )
