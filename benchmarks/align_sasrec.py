@@ -11,6 +11,7 @@ encodes item text into a fresh cache (``text_sec`` = encoding time); later runs 
     python benchmarks/align_sasrec.py --dataset=ml-1m --baseline-budget=1800 --align-budget=900
     python benchmarks/align_sasrec.py --dataset=amazon-games --baseline-budget=1800 --align-budget=900
     python benchmarks/align_sasrec.py --dataset=ml-100k --baseline-budget=600 --align-budget=300 --with-prefix
+    python benchmarks/align_sasrec.py --dataset=amazon-mi-reviews --baseline-budget=300 --align-budget=300 --with-prefix
 """
 
 from __future__ import annotations
