@@ -87,3 +87,14 @@ def tiny_llama_dir(tmp_path) -> Path:
     LlamaForCausalLM(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+@pytest.fixture
+def trained_backbone(cyclic_dataset) -> tuple[str, str, str]:
+    """An AlignSASRec trained briefly on the cyclic fixture: (data_path, dataset name, checkpoint path)."""
+    from recbole_llmalign.quick_start import run_with_cost
+
+    data_path, name = cyclic_dataset
+    run_with_cost("AlignSASRec", name, config_dict=cyclic_config(data_path, item_text_fields=["title", "genre"], epochs=3))
+    checkpoint = sorted(Path("saved").glob("AlignSASRec-*.pth"))[-1]
+    return data_path, name, str(checkpoint)

@@ -1,0 +1,136 @@
+"""Building blocks of a soft-prompted LLM recommender (used by ``model/align_llmrec.py``).
+
+- ``CFProjector``: collaborative vectors -> LLM input embeddings (the soft tokens).
+- ``LayerPrefixEncoder``: per-layer key/value prefixes reparameterised from the user's CF vector.
+- ``InstructionPrefix``: learnable per-layer key/value prefixes shared by every user.
+- ``PromptBuilder``: a hard-text template with soft-token placeholders, pre-tokenised once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+# Placeholder ids in assembled prompts (negative, so they can never clash with a real token).
+USER_SLOT, HISTORY_SLOT, SEMANTIC_SLOT = -1, -2, -3
+PROMPT_MODES = ("hybrid", "soft", "titles")
+
+
+class CFProjector(nn.Module):
+    """Two-layer MLP from a CF vector to the LLM's input embedding size."""
+
+    def __init__(self, cf_dim: int, llm_dim: int, dropout: float = 0.1) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(cf_dim, llm_dim), nn.GELU(), nn.Dropout(dropout), nn.Linear(llm_dim, llm_dim))
+
+    def forward(self, vectors: torch.Tensor) -> torch.Tensor:
+        return self.net(vectors)
+
+
+class LayerPrefixEncoder(nn.Module):
+    """User CF vector [B, C] -> per-layer (key, value) prefixes [B, kv_heads, P, head_dim] for each layer.
+
+    A shared bottleneck followed by one output projection per layer (RA-Rec's layer-specific
+    reparameterisation): each layer gets its own view of the user.
+    """
+
+    def __init__(self, cf_dim: int, n_layers: int, kv_heads: int, head_dim: int, length: int, bottleneck: int = 128) -> None:
+        super().__init__()
+        self.n_layers, self.kv_heads, self.head_dim, self.length = n_layers, kv_heads, head_dim, length
+        self.shared = nn.Sequential(nn.Linear(cf_dim, bottleneck), nn.Tanh())
+        self.per_layer = nn.ModuleList(nn.Linear(bottleneck, 2 * length * kv_heads * head_dim) for _ in range(n_layers))
+
+    def forward(self, user: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        hidden = self.shared(user)
+        batch = user.size(0)
+        prefixes = []
+        for layer in self.per_layer:
+            kv = layer(hidden).view(batch, 2, self.kv_heads, self.length, self.head_dim)
+            prefixes.append((kv[:, 0], kv[:, 1]))
+        return prefixes
+
+
+class InstructionPrefix(nn.Module):
+    """Learnable per-layer key/value vectors: a contextual instruction every prompt starts from."""
+
+    def __init__(self, n_layers: int, kv_heads: int, head_dim: int, length: int) -> None:
+        super().__init__()
+        self.keys = nn.Parameter(torch.randn(n_layers, kv_heads, length, head_dim) * 0.02)
+        self.values = nn.Parameter(torch.randn(n_layers, kv_heads, length, head_dim) * 0.02)
+
+    def forward(self, batch: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return [(self.keys[i].expand(batch, -1, -1, -1), self.values[i].expand(batch, -1, -1, -1))
+                for i in range(self.keys.size(0))]
+
+
+@dataclass
+class AssembledPrompts:
+    """Left-padded token ids with placeholders, the item id behind each item placeholder, and the mask."""
+
+    token_ids: torch.Tensor  # [B, T] real ids >= 0, placeholders < 0, padding = pad id
+    slot_items: torch.Tensor  # [B, T] item id at HISTORY/SEMANTIC placeholders, else 0
+    attention_mask: torch.Tensor  # [B, T]
+
+
+class PromptBuilder:
+    """A template such as ``"A user {user} watched {history}. Next:"`` with soft tokens placed in it.
+
+    ``{user}`` becomes the user soft token; ``{history}`` the last ``history_items`` items, each
+    rendered by ``prompt_mode``: ``hybrid`` = title + item ID token + item semantic token,
+    ``soft`` = the two soft tokens only, ``titles`` = title only. Static text and every item title
+    are tokenised once, so assembling a batch is list concatenation.
+    """
+
+    def __init__(self, tokenizer: Any, template: str, titles: Sequence[str], mode: str = "hybrid",
+                 history_items: int = 5, title_max_tokens: int = 12, separator: str = ", ") -> None:
+        if mode not in PROMPT_MODES:
+            raise ValueError(f"prompt_mode must be one of {PROMPT_MODES}, got '{mode}'.")
+        if "{user}" not in template or "{history}" not in template:
+            raise ValueError(f"prompt_template must contain {{user}} and {{history}}; got {template!r}.")
+        self.mode, self.history_items = mode, history_items
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+        head, rest = template.split("{user}", 1)
+        middle, tail = rest.split("{history}", 1)
+        self.head, self.middle, self.tail = encode(head), encode(middle), encode(tail)
+        self.separator = encode(separator)
+        self.title_ids = [encode(" " + title)[:title_max_tokens] if title else [] for title in titles]
+
+    def _item_piece(self, item: int) -> tuple[list[int], list[int]]:
+        ids: list[int] = []
+        if self.mode in ("hybrid", "titles"):
+            ids += self.title_ids[item]
+        if self.mode in ("hybrid", "soft"):
+            ids += [HISTORY_SLOT, SEMANTIC_SLOT]
+        return ids, [item if i < 0 else 0 for i in ids]
+
+    def assemble(self, history: torch.Tensor, lengths: torch.Tensor) -> AssembledPrompts:
+        """Prompts for RecBole item sequences ``history`` [B, L] (right-padded) with ``lengths`` [B]."""
+        rows, row_items = [], []
+        for sequence, length in zip(history.tolist(), lengths.tolist()):
+            recent = sequence[max(0, length - self.history_items):length]
+            ids = self.head + [USER_SLOT] + self.middle
+            items = [0] * len(ids)
+            for position, item in enumerate(recent):
+                if position:
+                    ids += self.separator
+                    items += [0] * len(self.separator)
+                piece, piece_items = self._item_piece(item)
+                ids += piece
+                items += piece_items
+            ids += self.tail
+            items += [0] * len(self.tail)
+            rows.append(ids)
+            row_items.append(items)
+        width = max(len(r) for r in rows)
+        token_ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        slot_items = torch.zeros((len(rows), width), dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, (ids, items) in enumerate(zip(rows, row_items)):
+            token_ids[i, width - len(ids):] = torch.tensor(ids)
+            slot_items[i, width - len(ids):] = torch.tensor(items)
+            mask[i, width - len(ids):] = 1
+        return AssembledPrompts(token_ids, slot_items, mask)

@@ -1,0 +1,233 @@
+"""AlignLLMRec: a frozen pretrained LLM reads a hybrid prompt of text and collaborative soft tokens.
+
+Follows RA-Rec (ID embeddings as soft prompts, layer-specific reparameterisation, contextual
+instruction prefixes, hybrid prompt), SeLLa-Rec (special tokens carrying aligned collaborative
+knowledge, optional LoRA) and Align-LLMRec (MLP projection of CF latents into a frozen LLM); the
+ranking head scores every item from one LLM pass per user, as E4SRec does.
+
+Collaborative side: a trained, frozen AlignSASRec (``backbone_checkpoint``). Trainable: three
+projectors (user, history item IDs, item semantics), the per-layer prefix encoder, the
+instruction prefix, the ranking head, and LoRA adapters when ``lora_r > 0``. Checkpoints hold
+only those (``state_dict`` is filtered), never the LLM or the backbone.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from recbole.model.abstract_recommender import SequentialRecommender
+from torch import nn
+
+from recbole_llmalign.data.item_text import item_texts
+from recbole_llmalign.llm.loader import load_causal_lm
+from recbole_llmalign.llm.soft_prompt import (
+    HISTORY_SLOT,
+    SEMANTIC_SLOT,
+    USER_SLOT,
+    CFProjector,
+    InstructionPrefix,
+    LayerPrefixEncoder,
+    PromptBuilder,
+)
+from recbole_llmalign.model.layers import info_nce
+
+
+def load_backbone(checkpoint_path: str | None, dataset: Any) -> nn.Module:
+    """A trained AlignSASRec from its RecBole checkpoint, frozen, checked against ``dataset``."""
+    from recbole_llmalign.compat import load_checkpoint
+    from recbole_llmalign.model.align_sasrec import AlignSASRec
+
+    if not checkpoint_path:
+        raise ValueError(
+            "AlignLLMRec needs a trained AlignSASRec: run `python run_recbole_llmalign.py --model=AlignSASRec "
+            "--dataset=<same dataset>` and pass --backbone_checkpoint=saved/AlignSASRec-<time>.pth."
+        )
+    if not Path(checkpoint_path).is_file():
+        raise FileNotFoundError(f"backbone_checkpoint {checkpoint_path} does not exist; point it at an AlignSASRec .pth file.")
+    checkpoint = load_checkpoint(checkpoint_path, map_location="cpu")
+    backbone_config = checkpoint["config"]
+    if backbone_config["model"] != "AlignSASRec":
+        raise ValueError(f"backbone_checkpoint holds a {backbone_config['model']}, not an AlignSASRec.")
+    rows = checkpoint["state_dict"]["item_embedding.weight"].shape[0]
+    if rows != dataset.item_num:
+        raise ValueError(
+            f"backbone_checkpoint has {rows} item rows but this dataset has {dataset.item_num}: it was trained on "
+            "another dataset or filtering. Train AlignSASRec on the same dataset config."
+        )
+    backbone = AlignSASRec(backbone_config, dataset)
+    backbone.load_state_dict(checkpoint["state_dict"])
+    backbone.requires_grad_(False)
+    return backbone.eval()
+
+
+class AlignLLMRec(SequentialRecommender):
+    """Soft-prompt LLM recommender with full ranking (see module docstring)."""
+
+    def __init__(self, config: Any, dataset: Any) -> None:
+        super().__init__(config, dataset)
+        self.backbone = load_backbone(config["backbone_checkpoint"], dataset)
+        cf_dim = self.backbone.hidden_size
+        expected_cf = config["backbone_hidden_size"]
+        if expected_cf is not None and int(expected_cf) != cf_dim:
+            raise ValueError(f"backbone_hidden_size is {expected_cf} but the backbone checkpoint has hidden size {cf_dim}.")
+
+        llm = load_causal_lm(config["llm_path"], cache_dir=config["llm_cache_dir"], dtype=config["llm_dtype"],
+                             llm_layers=config["llm_layers"], lora_r=int(config["lora_r"]),
+                             lora_alpha=int(config["lora_alpha"]), lora_target_modules=config["lora_target_modules"])
+        expected_llm = config["llm_hidden_size"]
+        if expected_llm is not None and int(expected_llm) != llm.hidden_size:
+            raise ValueError(
+                f"llm_hidden_size is {expected_llm} but {llm.source} has hidden size {llm.hidden_size}; "
+                "remove llm_hidden_size or choose a matching LLM."
+            )
+        self.llm, self.tokenizer = llm.model, llm.tokenizer
+        self.decoder = self.llm.get_base_model().model if int(config["lora_r"]) > 0 else self.llm.model
+        text_config = self.decoder.config
+        n_layers = llm.num_layers
+        kv_heads = int(getattr(text_config, "num_key_value_heads", text_config.num_attention_heads))
+        head_dim = int(getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads)
+
+        self.user_projector = CFProjector(cf_dim, llm.hidden_size)
+        self.history_projector = CFProjector(cf_dim, llm.hidden_size)
+        self.semantic_projector = CFProjector(cf_dim, llm.hidden_size)
+        self.use_layer_prefix = bool(config["use_layer_prefix"])
+        self.use_instruction_prefix = bool(config["use_instruction_prefix"])
+        if self.use_layer_prefix:
+            self.layer_prefix = LayerPrefixEncoder(cf_dim, n_layers, kv_heads, head_dim, int(config["layer_prefix_length"]))
+        if self.use_instruction_prefix:
+            self.instruction_prefix = InstructionPrefix(n_layers, kv_heads, head_dim, int(config["instruction_prefix_length"]))
+        self.ranking_head = nn.Linear(llm.hidden_size, cf_dim)
+        nn.init.zeros_(self.ranking_head.weight)  # starts as the backbone's ranking, learns a correction
+        nn.init.zeros_(self.ranking_head.bias)
+        self.residual_backbone = bool(config["rank_with_backbone_residual"])
+        self.align_weight = float(config["llm_align_weight"])
+        self.align_temperature = float(config["align_temperature"])
+        self.micro_batch = int(config["llm_micro_batch"])
+
+        title_field = (config["item_text_fields"] or [None])[0]
+        titles = item_texts(dataset, [title_field]) if title_field else [""] * dataset.item_num
+        self.prompts = PromptBuilder(self.tokenizer, config["prompt_template"], titles, mode=config["prompt_mode"],
+                                     history_items=int(config["prompt_history_items"]),
+                                     title_max_tokens=int(config["title_max_tokens"]))
+        self._eval_item_side: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+
+    # ---- frozen collaborative side ----
+    def train(self, mode: bool = True) -> "AlignLLMRec":
+        super().train(mode)
+        self.backbone.eval()  # frozen: dropout off, item table cached
+        self.llm.eval()  # frozen base: no dropout (LoRA dropout off too: adapters are small)
+        self._eval_item_side = None
+        return self
+
+    def _item_side(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(scoring table [N, C], item ID embeddings [N, C], fused text [N, C]) from the frozen backbone."""
+        if self._eval_item_side is None:
+            with torch.no_grad():
+                table = self.backbone._scoring_table()
+                ids = self.backbone.item_embedding.weight
+                fused = self.backbone.fused_text()[0] if self.backbone.uses_text else table
+            self._eval_item_side = (table.detach(), ids.detach(), fused.detach())
+        return self._eval_item_side
+
+    # ---- LLM pass ----
+    def _prefix_cache(self, user: torch.Tensor) -> tuple[Any, int]:
+        from transformers import DynamicCache
+
+        parts = []
+        if self.use_instruction_prefix:
+            parts.append(self.instruction_prefix(user.size(0)))
+        if self.use_layer_prefix:
+            parts.append(self.layer_prefix(user))
+        if not parts:
+            return None, 0
+        layers = [(torch.cat([p[i][0] for p in parts], dim=2), torch.cat([p[i][1] for p in parts], dim=2))
+                  for i in range(len(parts[0]))]
+        return DynamicCache(layers, config=self.decoder.config), layers[0][0].size(2)
+
+    def _user_vectors(self, item_seq: torch.Tensor, item_seq_len: torch.Tensor) -> torch.Tensor:
+        """Backbone sequence vectors [B, C]; a user with an empty history gets the zero vector."""
+        with torch.no_grad():
+            user = self.backbone.forward(item_seq, item_seq_len.clamp(min=1))
+        return user * (item_seq_len > 0).unsqueeze(-1)
+
+    def prompt_embeddings(self, item_seq: torch.Tensor, item_seq_len: torch.Tensor,
+                          user: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(input embeddings [B, T, D] with soft tokens placed, attention mask [B, T], token ids with placeholders)."""
+        _, item_ids, fused = self._item_side()
+        prompts = self.prompts.assemble(item_seq.cpu(), item_seq_len.cpu())
+        token_ids = prompts.token_ids.to(item_seq.device)
+        slot_items = prompts.slot_items.to(item_seq.device)
+        embeds = self.decoder.embed_tokens(token_ids.clamp(min=0))
+        user_vec = self.user_projector(user).unsqueeze(1).expand_as(embeds)
+        embeds = torch.where((token_ids == USER_SLOT).unsqueeze(-1), user_vec, embeds)
+        embeds = torch.where((token_ids == HISTORY_SLOT).unsqueeze(-1), self.history_projector(item_ids[slot_items]), embeds)
+        embeds = torch.where((token_ids == SEMANTIC_SLOT).unsqueeze(-1), self.semantic_projector(fused[slot_items]), embeds)
+        return embeds, prompts.attention_mask.to(item_seq.device), token_ids
+
+    def _llm_states(self, item_seq: torch.Tensor, item_seq_len: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(last hidden state of the prompt [B, D_llm], backbone user vector [B, C]); no vocabulary head."""
+        user = self._user_vectors(item_seq, item_seq_len)
+        embeds, mask, _ = self.prompt_embeddings(item_seq, item_seq_len, user)
+        cache, prefix_length = self._prefix_cache(user)
+        positions = (mask.cumsum(dim=1) - 1).clamp(min=0) + prefix_length
+        full_mask = torch.cat([mask.new_ones(mask.size(0), prefix_length), mask], dim=1)
+        output = self.decoder(inputs_embeds=embeds, attention_mask=full_mask, position_ids=positions,
+                              past_key_values=cache, use_cache=cache is not None)
+        return output.last_hidden_state[:, -1], user  # left padding: the last position is real
+
+    def _scores_and_query(self, interaction: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        item_seq, item_seq_len = interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN]
+        table = self._item_side()[0]
+        state, user = self._llm_states(item_seq, item_seq_len)
+        query = self.ranking_head(state)
+        if self.residual_backbone:
+            query = query + user
+        return query @ table.T, query
+
+    # ---- RecBole interface ----
+    def calculate_loss(self, interaction: Any) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        scores, query = self._scores_and_query(interaction)
+        target = interaction[self.POS_ITEM_ID]
+        loss = F.cross_entropy(scores, target)
+        if self.align_weight > 0:
+            fused = self._item_side()[2]
+            return loss, self.align_weight * info_nce(query, fused[target], self.align_temperature, target)
+        return loss
+
+    def predict(self, interaction: Any) -> torch.Tensor:
+        scores = self.full_sort_predict(interaction)
+        return scores.gather(1, interaction[self.ITEM_ID].unsqueeze(1)).squeeze(1)
+
+    def full_sort_predict(self, interaction: Any) -> torch.Tensor:
+        """One LLM pass per user, in micro-batches of ``llm_micro_batch`` users, under inference mode.
+
+        The result is cloned outside inference mode because RecBole's evaluator edits scores in place.
+        """
+        rows = interaction[self.ITEM_SEQ].size(0)
+        with torch.inference_mode():
+            chunks = []
+            for start in range(0, rows, self.micro_batch):
+                part = {key: interaction[key][start:start + self.micro_batch] for key in (self.ITEM_SEQ, self.ITEM_SEQ_LEN)}
+                chunks.append(self._scores_and_query(part)[0])
+            scores = torch.cat(chunks, dim=0)
+        return scores.clone()
+
+    # ---- trainable-only checkpoints ----
+    def trainable_names(self) -> set[str]:
+        return {name for name, parameter in self.named_parameters() if parameter.requires_grad}
+
+    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
+        """Only trainable parameters: the LLM and backbone are rebuilt from their own files."""
+        keep = self.trainable_names()
+        return {k: v for k, v in super().state_dict(*args, **kwargs).items() if k in keep}
+
+    def load_state_dict(self, state_dict: dict[str, torch.Tensor], strict: bool = True, assign: bool = False) -> Any:
+        missing = self.trainable_names() - set(state_dict)
+        unexpected = set(state_dict) - self.trainable_names()
+        if strict and (missing or unexpected):
+            raise RuntimeError(f"AlignLLMRec checkpoint does not match this config: missing {sorted(missing)[:5]}, "
+                               f"unexpected {sorted(unexpected)[:5]}. Was it saved with other prefix/LoRA settings?")
+        return super().load_state_dict(state_dict, strict=False, assign=assign)

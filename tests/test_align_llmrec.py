@@ -1,0 +1,158 @@
+"""AlignLLMRec with a tiny random Llama: prompts, soft tokens, prefixes, frozen weights, checkpoints, errors."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+
+import recbole_llmalign  # noqa: F401
+from recbole_llmalign.llm.soft_prompt import HISTORY_SLOT, SEMANTIC_SLOT, USER_SLOT, PromptBuilder
+from tests.conftest import cyclic_config
+
+
+def _tokenizer(folder):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(folder)
+
+
+def test_prompt_assembly_places_soft_tokens_and_left_pads(tiny_llama_dir):
+    tokenizer = _tokenizer(tiny_llama_dir)
+    titles = ["", "the movie", "next movie", "item"]
+    history = torch.tensor([[1, 2, 3, 0], [2, 0, 0, 0]])
+    lengths = torch.tensor([3, 1])
+    hybrid = PromptBuilder(tokenizer, "user {user} watched {history} recommend", titles, "hybrid", history_items=2).assemble(history, lengths)
+    ids, items, mask = hybrid.token_ids, hybrid.slot_items, hybrid.attention_mask
+    for row, recent in ((0, [2, 3]), (1, [2])):
+        real = ids[row][mask[row].bool()]
+        assert (real == USER_SLOT).sum() == 1
+        assert (real == HISTORY_SLOT).sum() == len(recent) == (real == SEMANTIC_SLOT).sum()
+        assert items[row][ids[row] == HISTORY_SLOT].tolist() == recent
+    assert mask[1, 0] == 0 and mask[1, -1] == 1  # left padding
+    assert tokenizer.convert_tokens_to_ids("movie") in ids[0].tolist()  # titles present in hybrid
+
+    soft = PromptBuilder(tokenizer, "user {user} watched {history}", titles, "soft").assemble(history, lengths)
+    assert tokenizer.convert_tokens_to_ids("movie") not in soft.token_ids[0].tolist()
+    titles_only = PromptBuilder(tokenizer, "user {user} watched {history}", titles, "titles").assemble(history, lengths)
+    assert not (titles_only.token_ids == HISTORY_SLOT).any()
+    empty = PromptBuilder(tokenizer, "user {user} watched {history}", titles, "hybrid").assemble(history, torch.tensor([0, 1]))
+    assert not (empty.token_ids[0] == HISTORY_SLOT).any() and (empty.token_ids[0] == USER_SLOT).sum() == 1
+
+
+def test_bad_template_and_mode_are_refused(tiny_llama_dir):
+    with pytest.raises(ValueError, match="must contain"):
+        PromptBuilder(_tokenizer(tiny_llama_dir), "no placeholders", ["", "a"])
+    with pytest.raises(ValueError, match="prompt_mode must be one of"):
+        PromptBuilder(_tokenizer(tiny_llama_dir), "{user} {history}", ["", "a"], mode="both")
+
+
+def _build(trained_backbone, tiny_llama_dir, **overrides):
+    from recbole.data import create_dataset, data_preparation
+
+    from recbole_llmalign.config import Config
+    from recbole_llmalign.utils import get_model
+
+    data_path, name, checkpoint = trained_backbone
+    config = Config(model="AlignLLMRec", dataset=name, config_dict=cyclic_config(
+        data_path, item_text_fields=["title", "genre"], backbone_checkpoint=checkpoint, llm_path=str(tiny_llama_dir),
+        llm_layers=2, train_batch_size=16, llm_micro_batch=8, **overrides))
+    train, valid, test = data_preparation(config, create_dataset(config))
+    return config, get_model("AlignLLMRec")(config, train._dataset), (train, valid, test)
+
+
+def test_soft_tokens_carry_projected_cf_vectors_and_prefixes_have_layer_shapes(trained_backbone, tiny_llama_dir):
+    _, model, (train, _, _) = _build(trained_backbone, tiny_llama_dir)
+    model.eval()  # projector dropout off, so the same inputs give the same soft tokens
+    batch = next(iter(train))
+    seq, lengths = batch[model.ITEM_SEQ][:4], batch[model.ITEM_SEQ_LEN][:4]
+    user = model._user_vectors(seq, lengths)
+    embeds, mask, ids = model.prompt_embeddings(seq, lengths, user)
+    row, position = (ids == USER_SLOT).nonzero()[0].tolist()
+    assert torch.allclose(embeds[row, position], model.user_projector(user)[row])
+    _, item_ids, fused = model._item_side()
+    slot = (ids == SEMANTIC_SLOT).nonzero()[0].tolist()
+    item = model.prompts.assemble(seq, lengths).slot_items[slot[0], slot[1]]
+    assert torch.allclose(embeds[slot[0], slot[1]], model.semantic_projector(fused[item]))
+    cache, length = model._prefix_cache(user)
+    assert length == 2 + 4  # layer prefix + instruction prefix
+    assert len(cache.layers) == 2
+    keys = cache.layers[0].keys
+    assert keys.shape == (4, 2, 6, 8)  # [batch, kv heads, prefix, head dim] of the tiny Llama
+
+
+def test_a_training_step_moves_trainables_only_and_the_checkpoint_round_trips(trained_backbone, tiny_llama_dir, tmp_path):
+    config, model, (train, _, test) = _build(trained_backbone, tiny_llama_dir)
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    trainable_before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    assert frozen and trainable_before
+    assert not any(n.startswith(("llm.", "backbone.")) for n in trainable_before)
+    model.train()
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    batch = next(iter(train))
+    for _ in range(2):
+        loss = sum(model.calculate_loss(batch))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if n in frozen)
+    assert any(not torch.equal(p, trainable_before[n]) for n, p in model.named_parameters() if n in trainable_before)
+
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    trainable_bytes = sum(t.numel() * t.element_size() for t in trainable_before.values())
+    assert set(model.state_dict()) == set(trainable_before)  # no llm.* or backbone.* weights
+    assert buffer.tell() < trainable_bytes + 64_000  # the trainables plus pickle overhead, nothing else
+    buffer.seek(0)
+    _, reloaded, _ = _build(trained_backbone, tiny_llama_dir)
+    reloaded.load_state_dict(torch.load(buffer))
+    model.eval()
+    reloaded.eval()
+    interaction = next(iter(test))[0]
+    assert torch.allclose(model.full_sort_predict(interaction), reloaded.full_sort_predict(interaction), atol=1e-5)
+
+
+def test_scores_rank_all_items_and_empty_history_is_defined(trained_backbone, tiny_llama_dir):
+    _, model, (_, _, test) = _build(trained_backbone, tiny_llama_dir)
+    model.eval()
+    interaction = next(iter(test))[0]
+    scores = model.full_sort_predict(interaction)
+    assert scores.shape == (len(interaction), model.n_items)
+    empty = {model.ITEM_SEQ: torch.zeros(2, 10, dtype=torch.long), model.ITEM_SEQ_LEN: torch.zeros(2, dtype=torch.long)}
+    assert torch.isfinite(model.full_sort_predict(empty)).all()
+
+
+def test_ablation_switches_build_and_run(trained_backbone, tiny_llama_dir):
+    _, model, (_, _, test) = _build(trained_backbone, tiny_llama_dir, use_layer_prefix=False, use_instruction_prefix=False,
+                                    prompt_mode="titles", lora_r=2)
+    assert not hasattr(model, "layer_prefix") and model._prefix_cache(torch.zeros(1, 16))[1] == 0
+    assert any("lora_" in n for n in model.state_dict())
+    model.eval()
+    assert torch.isfinite(model.full_sort_predict(next(iter(test))[0])).all()
+
+
+def test_mismatched_sizes_and_missing_backbone_are_clear_errors(trained_backbone, tiny_llama_dir):
+    with pytest.raises(ValueError, match="llm_hidden_size is 64 but"):
+        _build(trained_backbone, tiny_llama_dir, llm_hidden_size=64)
+    with pytest.raises(ValueError, match="backbone_hidden_size is 32 but"):
+        _build(trained_backbone, tiny_llama_dir, backbone_hidden_size=32)
+    with pytest.raises(FileNotFoundError, match="backbone_checkpoint .* does not exist"):
+        _build((trained_backbone[0], trained_backbone[1], "missing.pth"), tiny_llama_dir)
+    with pytest.raises(ValueError, match="needs a trained AlignSASRec"):
+        _build((trained_backbone[0], trained_backbone[1], None), tiny_llama_dir)
+
+
+def test_runs_through_recbole_trainer_and_reloads_its_small_best_checkpoint(trained_backbone, tiny_llama_dir):
+    from pathlib import Path
+
+    from recbole_llmalign.quick_start import run_with_cost
+
+    data_path, name, checkpoint = trained_backbone
+    config = cyclic_config(data_path, item_text_fields=["title", "genre"], backbone_checkpoint=checkpoint,
+                           llm_path=str(tiny_llama_dir), llm_layers=2, train_batch_size=64, epochs=2)
+    result, cost = run_with_cost("AlignLLMRec", name, config_dict=config)
+    assert cost.epochs == 2 and 0 <= result["test_result"]["ndcg@5"] <= 1
+    saved = sorted(Path("saved").glob("AlignLLMRec-*.pth"))[-1]
+    backbone_size = Path(checkpoint).stat().st_size
+    assert saved.stat().st_size < backbone_size + 200_000  # trainables + config, no LLM copy
