@@ -76,10 +76,14 @@ def test_soft_tokens_carry_projected_cf_vectors_and_prefixes_have_layer_shapes(t
     item = model.prompts.assemble(seq, lengths).slot_items[slot[0], slot[1]]
     assert torch.allclose(embeds[slot[0], slot[1]], model.semantic_projector(fused[item]))
     cache, length = model._prefix_cache(user)
-    assert length == 2 + 4  # layer prefix + instruction prefix
+    instruction_tokens = model.instruction_ids.size(1)
+    assert instruction_tokens > 0
+    assert length == instruction_tokens + 4 + 2  # fixed instruction text + instruction prefix + layer prefix
     assert len(cache.layers) == 2
     keys = cache.layers[0].keys
-    assert keys.shape == (4, 2, 6, 8)  # [batch, kv heads, prefix, head dim] of the tiny Llama
+    assert keys.shape == (4, 2, length, 8)  # [batch, kv heads, prefix, head dim] of the tiny Llama
+    first = model.instruction_kv()
+    assert model.instruction_kv() is first  # computed once, reused
 
 
 def test_a_training_step_moves_trainables_only_and_the_checkpoint_round_trips(trained_backbone, tiny_llama_dir, tmp_path):
@@ -126,7 +130,8 @@ def test_scores_rank_all_items_and_empty_history_is_defined(trained_backbone, ti
 def test_ablation_switches_build_and_run(trained_backbone, tiny_llama_dir):
     _, model, (_, _, test) = _build(trained_backbone, tiny_llama_dir, use_layer_prefix=False, use_instruction_prefix=False,
                                     prompt_mode="titles", lora_r=2)
-    assert not hasattr(model, "layer_prefix") and model._prefix_cache(torch.zeros(1, 16))[1] == 0
+    assert not hasattr(model, "layer_prefix") and not hasattr(model, "instruction_prefix")
+    assert model._prefix_cache(torch.zeros(1, 16))[1] == model.instruction_ids.size(1)  # fixed text only
     assert any("lora_" in n for n in model.state_dict())
     model.eval()
     assert torch.isfinite(model.full_sort_predict(next(iter(test))[0])).all()
@@ -156,3 +161,17 @@ def test_runs_through_recbole_trainer_and_reloads_its_small_best_checkpoint(trai
     saved = sorted(Path("saved").glob("AlignLLMRec-*.pth"))[-1]
     backbone_size = Path(checkpoint).stat().st_size
     assert saved.stat().st_size < backbone_size + 200_000  # trainables + config, no LLM copy
+
+
+def test_cached_instruction_equals_running_the_instruction_inline(trained_backbone, tiny_llama_dir):
+    """The reused key/values of the fixed text give the same final state as feeding the text every time."""
+    _, model, (_, _, test) = _build(trained_backbone, tiny_llama_dir, use_layer_prefix=False, use_instruction_prefix=False)
+    model.eval()
+    interaction = next(iter(test))[0]
+    seq, lengths = interaction[model.ITEM_SEQ][:1], interaction[model.ITEM_SEQ_LEN][:1]
+    with torch.no_grad():
+        cached_state, user = model._llm_states(seq, lengths)
+        embeds, mask, _ = model.prompt_embeddings(seq, lengths, user)
+        instruction = model.decoder.embed_tokens(model.instruction_ids)
+        inline = model.decoder(inputs_embeds=torch.cat([instruction, embeds], dim=1)).last_hidden_state[:, -1]
+    assert torch.allclose(cached_state, inline, atol=1e-5)

@@ -113,6 +113,10 @@ class AlignLLMRec(SequentialRecommender):
                                      history_items=int(config["prompt_history_items"]),
                                      title_max_tokens=int(config["title_max_tokens"]))
         self._eval_item_side: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        instruction = config["instruction_text"] or ""
+        self.instruction_ids = self.tokenizer(instruction, add_special_tokens=False, return_tensors="pt")["input_ids"]
+        self._instruction_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+        self._lora = int(config["lora_r"]) > 0
 
     # ---- frozen collaborative side ----
     def train(self, mode: bool = True) -> "AlignLLMRec":
@@ -120,6 +124,8 @@ class AlignLLMRec(SequentialRecommender):
         self.backbone.eval()  # frozen: dropout off, item table cached
         self.llm.eval()  # frozen base: no dropout (LoRA dropout off too: adapters are small)
         self._eval_item_side = None
+        if self._lora:
+            self._instruction_kv = None  # adapters may have moved
         return self
 
     def _item_side(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -133,10 +139,31 @@ class AlignLLMRec(SequentialRecommender):
         return self._eval_item_side
 
     # ---- LLM pass ----
+    def instruction_kv(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per-layer key/values of the fixed ``instruction_text`` [1, kv_heads, n, head_dim].
+
+        Computed once and reused by every prompt (recomputed per batch, still once rather than per
+        user, when LoRA adapters change the projections during training).
+        """
+        if self._instruction_kv is not None and not (self._lora and self.training):
+            return self._instruction_kv
+        from transformers import DynamicCache
+
+        ids = self.instruction_ids.to(self.ranking_head.weight.device)
+        with torch.no_grad():
+            cache = DynamicCache(config=self.decoder.config)
+            self.decoder(input_ids=ids, past_key_values=cache, use_cache=True)
+        kv = [(layer.keys.detach(), layer.values.detach()) for layer in cache.layers]
+        self._instruction_kv = kv
+        return kv
+
     def _prefix_cache(self, user: torch.Tensor) -> tuple[Any, int]:
         from transformers import DynamicCache
 
         parts = []
+        if self.instruction_ids.numel() > 0:
+            parts.append([(k.expand(user.size(0), -1, -1, -1), v.expand(user.size(0), -1, -1, -1))
+                          for k, v in self.instruction_kv()])
         if self.use_instruction_prefix:
             parts.append(self.instruction_prefix(user.size(0)))
         if self.use_layer_prefix:
