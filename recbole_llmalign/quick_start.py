@@ -110,7 +110,8 @@ def run_with_cost(
         valid_sec=sum(trainer.valid_seconds) / max(len(trainer.valid_seconds), 1),
         eval_sec=eval_sec,
         peak_mem_mb=peak_memory_mb(config["device"]),
-        extra={"text_sec": float(getattr(model_obj, "text_seconds", 0.0))},
+        extra={"text_sec": float(getattr(model_obj, "text_seconds", 0.0)),
+               "train_samples": float(getattr(trainer, "training_samples", len(train_data._dataset)))},
     )
     if not config["single_spec"]:
         torch.distributed.destroy_process_group()

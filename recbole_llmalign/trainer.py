@@ -106,18 +106,53 @@ class AlignSASRecTrainer(RunControlsMixin, Trainer):
         return super().fit(train_data, valid_data, *args, **kwargs)
 
     def _all_positions_loader(self, train_data: Any) -> Any:
-        from recbole.data.dataloader import TrainDataLoader
-
         dataset = train_data._dataset
         index = all_positions_index(dataset.inter_feat[dataset.uid_field].numpy(), self.config["MAX_ITEM_LIST_LENGTH"])
-        subset = dataset.copy(dataset.inter_feat[index])
-        batch_size = int(self.config["all_positions_batch_size"])
+        self.logger.info(f"all_positions: {len(index)} windows instead of {len(dataset)} prefixes per epoch.")
+        return subset_loader(self.config, train_data, index, int(self.config["all_positions_batch_size"]))
 
-        class WindowLoader(TrainDataLoader):
-            def _init_batch_size_and_step(self) -> None:
-                self.step = batch_size
-                self.set_batch_size(batch_size)
 
-        loader = WindowLoader(self.config, subset, train_data._sampler, shuffle=self.config["shuffle"])
-        self.logger.info(f"all_positions: {len(subset)} windows instead of {len(dataset)} prefixes per epoch.")
-        return loader
+def subset_loader(config: Any, train_data: Any, index: np.ndarray, batch_size: int) -> Any:
+    """A RecBole training loader over the rows ``index`` of ``train_data``'s dataset, ``batch_size`` rows a batch."""
+    from recbole.data.dataloader import TrainDataLoader
+
+    dataset = train_data._dataset
+    subset = dataset.copy(dataset.inter_feat[index])
+
+    class SubsetLoader(TrainDataLoader):
+        def _init_batch_size_and_step(self) -> None:
+            self.step = batch_size
+            self.set_batch_size(batch_size)
+
+    return SubsetLoader(config, subset, train_data._sampler, shuffle=config["shuffle"])
+
+
+class AlignLLMRecTrainer(RunControlsMixin, Trainer):
+    """RecBole's Trainer on a data-efficient subset: a sample budget filled by diversity buckets,
+    after an optional denoising filter (``train_sample_budget``, ``diversity_buckets``, ``denoise_samples``)."""
+
+    def fit(self, train_data: Any, valid_data: Any = None, *args: Any, **kwargs: Any) -> Any:
+        index = self.select_samples(train_data._dataset)
+        self.training_samples = len(index)
+        self.logger.info(f"AlignLLMRec trains on {len(index)} of {len(train_data._dataset)} training samples.")
+        loader = subset_loader(self.config, train_data, index, int(self.config["train_batch_size"]))
+        return super().fit(loader, valid_data, *args, **kwargs)
+
+    def select_samples(self, dataset: Any) -> np.ndarray:
+        from recbole_llmalign.data.item_text import item_texts
+        from recbole_llmalign.data.sampling import content_words, denoise_mask, diversity_sample
+
+        config = self.config
+        targets = dataset.inter_feat[dataset.iid_field].numpy()
+        lengths = dataset.inter_feat[config["ITEM_LIST_LENGTH_FIELD"]].numpy()
+        budget = float(config["train_sample_budget"])
+        budget_rows = int(round(budget * len(targets))) if budget <= 1 else int(budget)
+        candidates = None
+        if config["denoise_samples"] and config["item_text_fields"]:
+            words = [content_words(t) for t in item_texts(dataset, config["item_text_fields"])]
+            histories = dataset.inter_feat[dataset.iid_field + config["LIST_SUFFIX"]].numpy()
+            candidates = denoise_mask(histories, targets, words)
+            self.logger.info(f"denoising kept {int(candidates.sum())} of {len(targets)} samples.")
+        buckets = int(config["diversity_buckets"])
+        return diversity_sample(lengths, targets, budget_rows, buckets, buckets, seed=int(config["seed"]),
+                                candidates=candidates)

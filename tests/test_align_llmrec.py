@@ -158,6 +158,7 @@ def test_runs_through_recbole_trainer_and_reloads_its_small_best_checkpoint(trai
                            llm_path=str(tiny_llama_dir), llm_layers=2, train_batch_size=64, epochs=2)
     result, cost = run_with_cost("AlignLLMRec", name, config_dict=config)
     assert cost.epochs == 2 and 0 <= result["test_result"]["ndcg@5"] <= 1
+    assert cost.extra["train_samples"] == 132  # 10% of the 1,320 prefix samples the backbone trains on
     saved = sorted(Path("saved").glob("AlignLLMRec-*.pth"))[-1]
     backbone_size = Path(checkpoint).stat().st_size
     assert saved.stat().st_size < backbone_size + 200_000  # trainables + config, no LLM copy
