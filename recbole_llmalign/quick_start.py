@@ -38,6 +38,7 @@ class RunCost:
     valid_sec: float = 0.0
     eval_sec: float = 0.0
     peak_mem_mb: float = 0.0
+    checkpoint: str = ""
     extra: dict[str, float] = field(default_factory=dict)
 
 
@@ -64,6 +65,7 @@ def run_with_cost(
     logger.info(config)
 
     prepare_dataset(config)
+    ensure_backbone(config, config_file_list)
     dataset_obj = create_dataset(config)
     logger.info(dataset_obj)
     train_data, valid_data, test_data = data_preparation(config, dataset_obj)
@@ -110,12 +112,47 @@ def run_with_cost(
         valid_sec=sum(trainer.valid_seconds) / max(len(trainer.valid_seconds), 1),
         eval_sec=eval_sec,
         peak_mem_mb=peak_memory_mb(config["device"]),
+        checkpoint=trainer.saved_model_file if has_best_checkpoint else "",
         extra={"text_sec": float(getattr(model_obj, "text_seconds", 0.0)),
                "train_samples": float(getattr(trainer, "training_samples", len(train_data._dataset)))},
     )
     if not config["single_spec"]:
         torch.distributed.destroy_process_group()
     return result, cost
+
+
+def ensure_backbone(config: Any, config_file_list: list[str] | None = None) -> None:
+    """Train and cache the collaborative backbone a model needs when no checkpoint is given.
+
+    Models that declare ``backbone_model`` (AlignLLMRec: AlignSASRec) read ``backbone_checkpoint``.
+    When it is empty, the backbone is trained once with the same dataset settings and stored
+    under ``<checkpoint_dir>/backbones/`` keyed by those settings; later runs reuse it.
+    """
+    import hashlib
+    import json
+    import shutil
+
+    model_class = get_model(config["model"])
+    backbone_model = getattr(model_class, "backbone_model", None)
+    if backbone_model is None or config["backbone_checkpoint"]:
+        return
+    own_keys = set(Config(model=config["model"], dataset=config["dataset"], config_dict={"data_path": config["data_path"]})
+                   .internal_config_dict) - set(Config(model=backbone_model, dataset=config["dataset"],
+                                                       config_dict={"data_path": config["data_path"]}).internal_config_dict)
+    shared = {k: v for k, v in config.external_config_dict.items() if k not in own_keys | {"model"}}
+    shared.update(data_path=str(Path(config["data_path"]).parent), epochs=int(config["backbone_epochs"]), show_progress=False)
+    key = hashlib.sha256(json.dumps({"dataset": config["dataset"], **shared}, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    target = Path(config["checkpoint_dir"]) / "backbones" / f"{backbone_model}-{config['dataset']}-{key}.pth"
+    if not target.is_file():
+        logger = getLogger()
+        logger.info(f"No backbone_checkpoint given: training {backbone_model} on {config['dataset']} once -> {target}")
+        _, cost = run_with_cost(backbone_model, config["dataset"], config_file_list, dict(shared), saved=True)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        temp = target.with_suffix(".tmp")
+        shutil.copyfile(cost.checkpoint, temp)
+        os.replace(temp, target)
+        init_logger(config)  # the backbone run replaced the log handlers
+    config["backbone_checkpoint"] = str(target)
 
 
 def evaluate_cold_slice(config: Any, trainer: Any, train_data: Any, test_data: Any) -> dict[str, float] | None:

@@ -144,7 +144,7 @@ def test_mismatched_sizes_and_missing_backbone_are_clear_errors(trained_backbone
         _build(trained_backbone, tiny_llama_dir, backbone_hidden_size=32)
     with pytest.raises(FileNotFoundError, match="backbone_checkpoint .* does not exist"):
         _build((trained_backbone[0], trained_backbone[1], "missing.pth"), tiny_llama_dir)
-    with pytest.raises(ValueError, match="needs a trained AlignSASRec"):
+    with pytest.raises(ValueError, match="needs a trained AlignSASRec"):  # building the model directly
         _build((trained_backbone[0], trained_backbone[1], None), tiny_llama_dir)
 
 
@@ -176,3 +176,20 @@ def test_cached_instruction_equals_running_the_instruction_inline(trained_backbo
         instruction = model.decoder.embed_tokens(model.instruction_ids)
         inline = model.decoder(inputs_embeds=torch.cat([instruction, embeds], dim=1)).last_hidden_state[:, -1]
     assert torch.allclose(cached_state, inline, atol=1e-5)
+
+
+def test_backbone_is_trained_once_and_reused_when_no_checkpoint_is_given(cyclic_dataset, tiny_llama_dir):
+    from pathlib import Path
+
+    from recbole_llmalign.quick_start import run_with_cost
+
+    data_path, name = cyclic_dataset
+    config = cyclic_config(data_path, item_text_fields=["title", "genre"], llm_path=str(tiny_llama_dir), llm_layers=1,
+                           train_batch_size=64, backbone_epochs=2)
+    run_with_cost("AlignLLMRec", name, config_dict=dict(config))
+    backbones = list(Path("saved/backbones").glob("AlignSASRec-cyclic-*.pth"))
+    assert len(backbones) == 1
+    stamp = backbones[0].stat().st_mtime_ns
+    result, _ = run_with_cost("AlignLLMRec", name, config_dict=dict(config))
+    assert backbones[0].stat().st_mtime_ns == stamp  # reused, not retrained
+    assert "ndcg@5" in result["test_result"]

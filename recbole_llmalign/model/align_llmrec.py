@@ -42,8 +42,8 @@ def load_backbone(checkpoint_path: str | None, dataset: Any) -> nn.Module:
 
     if not checkpoint_path:
         raise ValueError(
-            "AlignLLMRec needs a trained AlignSASRec: run `python run_recbole_llmalign.py --model=AlignSASRec "
-            "--dataset=<same dataset>` and pass --backbone_checkpoint=saved/AlignSASRec-<time>.pth."
+            "AlignLLMRec needs a trained AlignSASRec: run it through run_recbole_llmalign (which trains and caches "
+            "one) or pass --backbone_checkpoint=saved/AlignSASRec-<time>.pth from `--model=AlignSASRec` on the same dataset."
         )
     if not Path(checkpoint_path).is_file():
         raise FileNotFoundError(f"backbone_checkpoint {checkpoint_path} does not exist; point it at an AlignSASRec .pth file.")
@@ -65,6 +65,8 @@ def load_backbone(checkpoint_path: str | None, dataset: Any) -> nn.Module:
 
 class AlignLLMRec(SequentialRecommender):
     """Soft-prompt LLM recommender with full ranking (see module docstring)."""
+
+    backbone_model = "AlignSASRec"  # trained and cached by quick_start when backbone_checkpoint is empty
 
     def __init__(self, config: Any, dataset: Any) -> None:
         super().__init__(config, dataset)
