@@ -73,6 +73,8 @@ def main() -> None:
     parser.add_argument("--with-prefix", action="store_true", help="also train AlignSASRec in prefix mode")
     parser.add_argument("--skip-baselines", action="store_true")
     parser.add_argument("--name", default=None)
+    parser.add_argument("--from-csv", action="store_true",
+                        help="only re-render the table from results/<name>.csv (e.g. after a run was cut short)")
     args = parser.parse_args()
 
     from compare_builtins import reference_table
@@ -81,6 +83,15 @@ def main() -> None:
     from recbole_llmalign.quick_start import compare
 
     name = args.name or f"align_sasrec_{args.dataset.replace('-', '')}"
+    setup = (f"Dataset {args.dataset}; embedding 64, MAX_ITEM_LIST_LENGTH 50, seed 2020, early stopping 10 on valid "
+             f"NDCG@10; budgets: {args.baseline_budget:.0f} s (prefix-trained runs), {args.align_budget:.0f} s "
+             "(all_positions runs); one process per run, 2 CPU threads.\n\n")
+    if args.from_csv:
+        dataset, records = report.records_from_csv(RESULTS / f"{name}.csv")
+        report.write_comparison(records, dataset, RESULTS, name,
+                                preface=setup + summary(records, dataset) + reference_table(dataset, records))
+        print((RESULTS / f"{name}.md").read_text())
+        return
     cache_dir = Path("saved") / f"bench_text_cache_{args.dataset}"
     shutil.rmtree(cache_dir, ignore_errors=True)  # the first AlignSASRec run measures encoding
     shared = {"epochs": 300, "seed": 2020, "show_progress": False, "valid_metric": "NDCG@10", "stopping_step": 10,
@@ -92,10 +103,7 @@ def main() -> None:
     if args.with_prefix:
         runs.append(("AlignSASRec", "prefix", {"train_mode": "prefix"}))
     records = compare(runs, args.dataset, config_dict=shared, output_dir=RESULTS, name=name)
-    preface = (f"Dataset {args.dataset}; embedding 64, MAX_ITEM_LIST_LENGTH 50, seed 2020, early stopping 10 on valid "
-               f"NDCG@10; budgets: {args.baseline_budget:.0f} s (prefix-trained runs), {args.align_budget:.0f} s "
-               "(all_positions runs); one process per run, 2 CPU threads.\n\n" + summary(records, args.dataset)
-               + reference_table(args.dataset, records))
+    preface = setup + summary(records, args.dataset) + reference_table(args.dataset, records)
     report.write_comparison(records, args.dataset, RESULTS, name, preface=preface)
     print((RESULTS / f"{name}.md").read_text())
 

@@ -131,3 +131,23 @@ def write_comparison(records: list[dict[str, Any]], dataset: str, output_dir: Pa
 def read_csv(path: Path) -> list[dict[str, str]]:
     with open(path, encoding="utf-8") as handle:
         return list(csv.DictReader(handle))
+
+
+def records_from_csv(path: Path) -> tuple[str, list[dict[str, Any]]]:
+    """(dataset, records) rebuilt from a long-form CSV, in first-appearance order, for re-rendering tables."""
+    cost_metrics = {metric for _, metric in COST_ROWS}
+    split_keys = {"valid": "best_valid_result", "test": "test_result", "test_cold": "test_cold_result"}
+    records: dict[tuple[str, str], dict[str, Any]] = {}
+    dataset = ""
+    for row in read_csv(path):
+        dataset = row["dataset"]
+        record = records.setdefault((row["model"], row["setting"]), {
+            "model": row["model"], "setting": row["setting"], "result": {}, "cost": {"extra": {}}})
+        value = float(row["value"])
+        if row["metric"] in cost_metrics and row["split"] in ("train", "test") and (row["split"], row["metric"]) in COST_ROWS:
+            record["cost"][row["metric"]] = int(value) if row["metric"] in ("epochs", "best_epoch") else value
+        elif row["split"] == "train":
+            record["cost"]["extra"][row["metric"]] = value
+        else:
+            record["result"].setdefault(split_keys[row["split"]], {})[row["metric"]] = value
+    return dataset, list(records.values())

@@ -75,6 +75,10 @@ def test_compare_writes_table_csv_and_chart_on_one_protocol(cyclic_dataset, tmp_
         for key in (("test", "ndcg@5"), ("valid", "ndcg@5"), ("train", "sec_per_epoch"),
                     ("test", "eval_sec"), ("train", "peak_mem_mb")):
             assert (model, *key) in metrics
+    from recbole_llmalign import report
+
+    dataset, rebuilt = report.records_from_csv(tmp_path / "out" / "cmp.csv")
+    assert dataset == name and report.markdown_table(rebuilt) == report.markdown_table(records)
     table = (tmp_path / "out" / "cmp.md").read_text()
     assert "| Pop |" in table and "| GRU4Rec |" in table
     assert (tmp_path / "out" / "cmp.png").stat().st_size > 5000
