@@ -66,6 +66,7 @@ def run_with_cost(
 
     prepare_dataset(config)
     ensure_backbone(config, config_file_list)
+    init_seed(config["seed"], config["reproducibility"])  # a backbone run just now must not shift this run's RNG
     dataset_obj = create_dataset(config)
     logger.info(dataset_obj)
     train_data, valid_data, test_data = data_preparation(config, dataset_obj)
