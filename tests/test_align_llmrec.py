@@ -186,13 +186,13 @@ def test_backbone_is_trained_once_and_reused_when_no_checkpoint_is_given(cyclic_
     data_path, name = cyclic_dataset
     config = cyclic_config(data_path, item_text_fields=["title", "genre"], llm_path=str(tiny_llama_dir), llm_layers=1,
                            train_batch_size=64, backbone_epochs=2)
-    run_with_cost("AlignLLMRec", name, config_dict=dict(config))
+    first, _ = run_with_cost("AlignLLMRec", name, config_dict=dict(config))
     backbones = list(Path("saved/backbones").glob("AlignSASRec-cyclic-*.pth"))
     assert len(backbones) == 1
     stamp = backbones[0].stat().st_mtime_ns
     result, _ = run_with_cost("AlignLLMRec", name, config_dict=dict(config))
     assert backbones[0].stat().st_mtime_ns == stamp  # reused, not retrained
-    assert "ndcg@5" in result["test_result"]
+    assert result["test_result"] == first["test_result"]  # training the backbone first does not shift the seed
 
 
 @pytest.mark.slow
