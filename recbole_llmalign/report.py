@@ -41,6 +41,7 @@ def _atomic_write(path: Path, text: str) -> None:
     handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     with os.fdopen(handle, "w", encoding="utf-8", newline="") as out:
         out.write(text)
+    os.chmod(temp, 0o644)  # mkstemp creates 0600; results are meant to be read by others
     os.replace(temp, path)
 
 
