@@ -47,7 +47,7 @@ def item_text_features(config: Any, train_dataset: Any) -> dict[str, torch.Tenso
     show_progress = bool(_get(config, "show_progress", True))
     start = time.perf_counter()
 
-    meta_hit = True
+    meta_hit: bool | None = None  # None: no metadata fields configured
     if fields:
         texts = item_texts(train_dataset, fields)
         encoder = resolve_sentence_encoder(_get(config, "text_encoder", None))
@@ -89,9 +89,10 @@ def item_text_features(config: Any, train_dataset: Any) -> dict[str, torch.Tenso
             offset += count
     elapsed = time.perf_counter() - start
     logger.info(
-        f"Item text features for {dataset_name}: {int(has_meta.sum())}/{n_items - 1} items with metadata "
-        f"({'cache hit' if meta_hit else 'encoded'}), {int(review_mask.any(1).sum())} with reviews"
+        f"Item text features for {dataset_name}: {int(has_meta.sum())}/{n_items - 1} items with metadata"
+        f"{'' if meta_hit is None else (' (cache hit)' if meta_hit else ' (encoded)')}, "
+        f"{int(review_mask.any(1).sum())} with reviews"
         f"{'' if review_hit is None else (' (cache hit)' if review_hit else ' (encoded)')}, {elapsed:.2f} s."
     )
     return {"meta": meta, "has_meta": has_meta, "reviews": reviews, "review_mask": review_mask,
-            "seconds": torch.tensor(elapsed), "cache_hit": torch.tensor(bool(meta_hit and review_hit is not False))}
+            "seconds": torch.tensor(elapsed), "cache_hit": torch.tensor(meta_hit is not False and review_hit is not False)}
