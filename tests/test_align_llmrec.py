@@ -196,14 +196,9 @@ def test_backbone_is_trained_once_and_reused_when_no_checkpoint_is_given(cyclic_
 
 
 @pytest.mark.slow
-def test_real_smollm2_trains_and_ranks_on_the_fixture(trained_backbone):
-    from recbole_llmalign.llm import smollm2_gguf_path
+def test_real_smollm2_trains_and_ranks_on_the_fixture(trained_backbone, smollm2_available):
     from recbole_llmalign.quick_start import run_with_cost
 
-    try:
-        smollm2_gguf_path()
-    except FileNotFoundError as missing:
-        pytest.skip(str(missing))
     data_path, name, checkpoint = trained_backbone
     config = cyclic_config(data_path, item_text_fields=["title", "genre"], backbone_checkpoint=checkpoint,
                            llm_layers=2, train_batch_size=32, epochs=1)

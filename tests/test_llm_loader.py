@@ -7,7 +7,7 @@ import time
 import pytest
 import torch
 
-from recbole_llmalign.llm import load_causal_lm, smollm2_gguf_path
+from recbole_llmalign.llm import load_causal_lm
 from recbole_llmalign.llm.loader import CONVERTED_NAME, _folder_is_valid
 
 
@@ -48,11 +48,7 @@ def test_too_many_layers_requested(tiny_llama_dir):
 
 
 @pytest.mark.slow
-def test_shipped_smollm2_converts_once_and_reloads_from_the_verified_cache(tmp_path):
-    try:
-        smollm2_gguf_path()
-    except FileNotFoundError as missing:
-        pytest.skip(str(missing))
+def test_shipped_smollm2_converts_once_and_reloads_from_the_verified_cache(tmp_path, smollm2_available):
     start = time.perf_counter()
     first = load_causal_lm("default", cache_dir=tmp_path, llm_layers=4)
     converted = time.perf_counter() - start
