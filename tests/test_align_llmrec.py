@@ -127,6 +127,22 @@ def test_scores_rank_all_items_and_empty_history_is_defined(trained_backbone, ti
     assert torch.isfinite(model.full_sort_predict(empty)).all()
 
 
+def test_length_bucketed_evaluation_returns_scores_in_input_order(trained_backbone, tiny_llama_dir):
+    _, model, (_, _, test) = _build(trained_backbone, tiny_llama_dir, prompt_history_items=3)
+    model.eval()
+    interaction = next(iter(test))[0]
+    seq, lengths = interaction[model.ITEM_SEQ][:12].clone(), interaction[model.ITEM_SEQ_LEN][:12].clone()
+    lengths[::3] = 1  # short histories mixed in, so sorting by prompt length reorders the users
+    predicted = model.prompts.prompt_lengths(seq, lengths)
+    assert predicted == model.prompts.assemble(seq, lengths).attention_mask.sum(dim=1).tolist()
+    assert len(set(predicted)) > 1
+    scores = model.full_sort_predict({model.ITEM_SEQ: seq, model.ITEM_SEQ_LEN: lengths})
+    with torch.no_grad():
+        one_by_one = torch.cat([model._scores_and_query({model.ITEM_SEQ: seq[i:i + 1], model.ITEM_SEQ_LEN: lengths[i:i + 1]})[0]
+                                for i in range(len(seq))])
+    assert torch.allclose(scores, one_by_one, atol=1e-4)
+
+
 def test_ablation_switches_build_and_run(trained_backbone, tiny_llama_dir):
     _, model, (_, _, test) = _build(trained_backbone, tiny_llama_dir, use_layer_prefix=False, use_instruction_prefix=False,
                                     prompt_mode="titles", lora_r=2)

@@ -107,6 +107,16 @@ class PromptBuilder:
             ids += [HISTORY_SLOT, SEMANTIC_SLOT]
         return ids, [item if i < 0 else 0 for i in ids]
 
+    def prompt_lengths(self, history: torch.Tensor, lengths: torch.Tensor) -> list[int]:
+        """Token count of each user's prompt, without assembling it (for length-bucketed batches)."""
+        static = len(self.head) + 1 + len(self.middle) + len(self.tail)
+        out = []
+        for sequence, length in zip(history.tolist(), lengths.tolist()):
+            recent = sequence[max(0, length - self.history_items):length]
+            items = sum(len(self._item_piece(item)[0]) for item in recent)
+            out.append(static + items + len(self.separator) * max(len(recent) - 1, 0))
+        return out
+
     def assemble(self, history: torch.Tensor, lengths: torch.Tensor) -> AssembledPrompts:
         """Prompts for RecBole item sequences ``history`` [B, L] (right-padded) with ``lengths`` [B]."""
         rows, row_items = [], []

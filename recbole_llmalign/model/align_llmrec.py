@@ -231,17 +231,21 @@ class AlignLLMRec(SequentialRecommender):
         return scores.gather(1, interaction[self.ITEM_ID].unsqueeze(1)).squeeze(1)
 
     def full_sort_predict(self, interaction: Any) -> torch.Tensor:
-        """One LLM pass per user, in micro-batches of ``llm_micro_batch`` users, under inference mode.
+        """One LLM pass per user, in length-bucketed micro-batches of ``llm_micro_batch`` users.
 
-        The result is cloned outside inference mode because RecBole's evaluator edits scores in place.
+        Users are sorted by prompt length so each micro-batch pads little, and scored under
+        inference mode; the result is returned in the input order, cloned outside inference mode
+        because RecBole's evaluator edits scores in place.
         """
-        rows = interaction[self.ITEM_SEQ].size(0)
+        item_seq, item_seq_len = interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN]
+        order = torch.tensor(self.prompts.prompt_lengths(item_seq.cpu(), item_seq_len.cpu())).argsort(stable=True)
+        order = order.to(item_seq.device)
         with torch.inference_mode():
-            chunks = []
-            for start in range(0, rows, self.micro_batch):
-                part = {key: interaction[key][start:start + self.micro_batch] for key in (self.ITEM_SEQ, self.ITEM_SEQ_LEN)}
-                chunks.append(self._scores_and_query(part)[0])
-            scores = torch.cat(chunks, dim=0)
+            scores = torch.empty(item_seq.size(0), self.n_items, device=item_seq.device)
+            for start in range(0, len(order), self.micro_batch):
+                rows = order[start:start + self.micro_batch]
+                part = {self.ITEM_SEQ: item_seq[rows], self.ITEM_SEQ_LEN: item_seq_len[rows]}
+                scores[rows] = self._scores_and_query(part)[0]
         return scores.clone()
 
     # ---- trainable-only checkpoints ----
