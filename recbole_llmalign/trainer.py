@@ -136,7 +136,22 @@ class AlignLLMRecTrainer(RunControlsMixin, Trainer):
         self.training_samples = len(index)
         self.logger.info(f"AlignLLMRec trains on {len(index)} of {len(train_data._dataset)} training samples.")
         loader = subset_loader(self.config, train_data, index, int(self.config["train_batch_size"]))
+        if valid_data is not None and self.config["validate_before_training"]:
+            self._validate_start(valid_data, saved=kwargs.get("saved", args[1] if len(args) > 1 else True))
         return super().fit(loader, valid_data, *args, **kwargs)
+
+    def _validate_start(self, valid_data: Any, saved: bool) -> None:
+        """Score the untrained model and make it the best so far.
+
+        With the zero-initialised residual head the untrained model ranks exactly as the frozen
+        backbone, so model selection on valid can never end below the backbone: an epoch that
+        does not beat it on valid is not kept.
+        """
+        score, result = self._valid_epoch(valid_data, show_progress=False)
+        self.best_valid_score, self.best_valid_result = score, result
+        self.logger.info(f"before training (backbone ranking): valid {self.config['valid_metric']} = {score:.4f}")
+        if saved:
+            self._save_checkpoint(-1, verbose=False)
 
     def select_samples(self, dataset: Any) -> np.ndarray:
         from recbole_llmalign.data.item_text import item_texts

@@ -180,6 +180,26 @@ def test_runs_through_recbole_trainer_and_reloads_its_small_best_checkpoint(trai
     assert saved.stat().st_size < backbone_size + 200_000  # trainables + config, no LLM copy
 
 
+def test_validation_before_training_keeps_the_backbone_ranking_when_training_only_hurts(trained_backbone, tiny_llama_dir):
+    """A huge learning rate wrecks the head; model selection must then fall back to the untrained
+    (= backbone) ranking, and without the start validation it cannot."""
+    from recbole_llmalign.quick_start import run_with_cost
+
+    data_path, name, checkpoint = trained_backbone
+    config = cyclic_config(data_path, item_text_fields=["title", "genre"], backbone_checkpoint=checkpoint,
+                           llm_path=str(tiny_llama_dir), llm_layers=2, train_batch_size=64, epochs=1,
+                           learning_rate=30.0, llm_align_weight=0.0)
+    guarded, guarded_cost = run_with_cost("AlignLLMRec", name, config_dict=config)
+    unguarded, unguarded_cost = run_with_cost("AlignLLMRec", name, config_dict={**config, "validate_before_training": False})
+    from recbole_llmalign.trainer import AlignLLMRecTrainer
+
+    untrained_config, untrained, (_, _, test) = _build(trained_backbone, tiny_llama_dir)  # ranks as the backbone
+    backbone_ndcg = AlignLLMRecTrainer(untrained_config, untrained.eval()).evaluate(test, load_best_model=False)["ndcg@5"]
+    assert guarded_cost.best_epoch == 0 and unguarded_cost.best_epoch == 1
+    assert guarded["test_result"]["ndcg@5"] == pytest.approx(backbone_ndcg, abs=1e-4)
+    assert unguarded["test_result"]["ndcg@5"] < backbone_ndcg
+
+
 def test_cached_instruction_equals_running_the_instruction_inline(trained_backbone, tiny_llama_dir):
     """The reused key/values of the fixed text give the same final state as feeding the text every time."""
     _, model, (_, _, test) = _build(trained_backbone, tiny_llama_dir, use_layer_prefix=False, use_instruction_prefix=False)
