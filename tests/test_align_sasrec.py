@@ -201,3 +201,20 @@ def test_reviews_only_items_are_encoded_from_training_reviews_and_attended(tmp_p
         fused, weights = model.fused_text()
     assert torch.isfinite(fused).all()
     assert torch.allclose(weights[1:, 1:].sum(dim=1), torch.ones(weights.size(0) - 1))  # all weight on reviews
+
+
+def test_evaluation_item_table_is_built_in_bounded_chunks_with_the_same_scores(cyclic_dataset):
+    data_path, _ = cyclic_dataset
+    _, _, model, (_, _, test) = _build(cyclic_config(data_path, item_text_fields=["title", "genre"], eval_item_chunk=7))
+    model.eval()
+    calls = []
+    model.fusion.register_forward_hook(lambda module, inputs, output: calls.append(inputs[0].size(0)))
+    chunked = model._scoring_table()
+    assert max(calls) <= 7 and sum(calls) == model.n_items and len(calls) == -(-model.n_items // 7)
+    with torch.no_grad():
+        whole = model._item_table()[0]
+    assert torch.allclose(chunked, whole, atol=1e-6)
+    interaction = next(iter(test))[0]
+    assert model.full_sort_predict(interaction).shape == (len(interaction), model.n_items)
+    with pytest.raises(ValueError, match="eval_item_chunk must be a positive"):
+        _build(cyclic_config(data_path, item_text_fields=["title", "genre"], eval_item_chunk=0))

@@ -42,6 +42,10 @@ class AlignSASRec(SASRec):
         self.id_text_align_weight = float(config["id_text_align_weight"]) if self.item_representation == "id+text" else 0.0
         self.align_temperature = float(config["align_temperature"])
         self.align_max_rows = int(config["align_max_rows"])
+        chunk = config["eval_item_chunk"]
+        self.eval_item_chunk = 65536 if chunk is None else int(chunk)  # None: a checkpoint older than the key
+        if self.eval_item_chunk < 1:
+            raise ValueError(f"eval_item_chunk must be a positive number of items, got {self.eval_item_chunk}.")
         self.text_seconds = 0.0
         if self.uses_text:
             features = item_text_features(config, dataset)
@@ -58,9 +62,13 @@ class AlignSASRec(SASRec):
         self._eval_table: torch.Tensor | None = None
 
     # ---- item side ----
-    def fused_text(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(fused text vector per item [N, H], attention weights [N, 1+R]: slot 0 metadata, then reviews)."""
-        return self.fusion(self.text_meta, self.text_has_meta, self.text_reviews, self.text_review_mask)
+    def fused_text(self, rows: slice = slice(None)) -> tuple[torch.Tensor, torch.Tensor]:
+        """(fused text vector per item [N, H], attention weights [N, 1+R]: slot 0 metadata, then reviews).
+
+        ``rows`` restricts it to a slice of items (fusion is per item, so slices compose).
+        """
+        return self.fusion(self.text_meta[rows], self.text_has_meta[rows], self.text_reviews[rows],
+                           self.text_review_mask[rows])
 
     def _item_table(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(item vectors used for input and scoring [N, H], fused text [N, H] or None)."""
@@ -72,12 +80,27 @@ class AlignSASRec(SASRec):
         return self.item_embedding.weight + fused, fused
 
     def _scoring_table(self) -> torch.Tensor:
-        """Item table, computed once per evaluation (cached until the model trains again)."""
+        """Item table, computed once per evaluation (cached until the model trains again).
+
+        In evaluation it is built ``eval_item_chunk`` items at a time, so the fusion's
+        intermediates stay bounded however large the catalog; only the [N, H] table is kept.
+        """
         if self.training:
             return self._item_table()[0]
         if self._eval_table is None:
-            self._eval_table = self._item_table()[0].detach()
+            with torch.no_grad():
+                self._eval_table = self._chunked_item_table()
         return self._eval_table
+
+    def _chunked_item_table(self) -> torch.Tensor:
+        if not self.uses_text:
+            return self.item_embedding.weight.detach()
+        table = torch.empty(self.n_items, self.hidden_size, device=self.item_embedding.weight.device)
+        for start in range(0, self.n_items, self.eval_item_chunk):
+            rows = slice(start, start + self.eval_item_chunk)
+            fused = self.fused_text(rows)[0]
+            table[rows] = fused if self.item_representation == "text" else self.item_embedding.weight[rows] + fused
+        return table
 
     def train(self, mode: bool = True) -> "AlignSASRec":
         self._eval_table = None
