@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from recbole.model.sequential_recommender.sasrec import SASRec
 from recbole_llmalign.model.layers import info_nce
 from recbole_llmalign.text.features import item_text_features
-from recbole_llmalign.text.fusion import CrossAttentionFusion
+from recbole_llmalign.text.fusion import CrossAttentionFusion, fuse_in_chunks
 
 ITEM_REPRESENTATIONS = ("id", "text", "id+text")
 TRAIN_MODES = ("prefix", "all_positions")
@@ -95,12 +95,9 @@ class AlignSASRec(SASRec):
     def _chunked_item_table(self) -> torch.Tensor:
         if not self.uses_text:
             return self.item_embedding.weight.detach()
-        table = torch.empty(self.n_items, self.hidden_size, device=self.item_embedding.weight.device)
-        for start in range(0, self.n_items, self.eval_item_chunk):
-            rows = slice(start, start + self.eval_item_chunk)
-            fused = self.fused_text(rows)[0]
-            table[rows] = fused if self.item_representation == "text" else self.item_embedding.weight[rows] + fused
-        return table
+        base = None if self.item_representation == "text" else self.item_embedding.weight
+        return fuse_in_chunks(self.fusion, self.text_meta, self.text_has_meta, self.text_reviews, self.text_review_mask,
+                              self.eval_item_chunk, base=base)
 
     def train(self, mode: bool = True) -> "AlignSASRec":
         self._eval_table = None

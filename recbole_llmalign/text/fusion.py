@@ -51,3 +51,23 @@ class CrossAttentionFusion(nn.Module):
         fused = torch.where(has_text.unsqueeze(-1), fused, self.fallback.expand_as(fused))
         weights = weights.squeeze(1) * has_text.unsqueeze(-1)
         return fused, weights
+
+
+def fuse_in_chunks(fusion: CrossAttentionFusion, meta: torch.Tensor, has_meta: torch.Tensor, reviews: torch.Tensor,
+                   review_mask: torch.Tensor, chunk: int, base: torch.Tensor | None = None) -> torch.Tensor:
+    """``fusion``'s output for every item (plus ``base`` [N, H] when given), ``chunk`` items at a time.
+
+    Fusion is per item, so slices compose; peak memory is the [N, H] result plus one chunk's
+    intermediates instead of the whole catalog's. Runs without gradients (evaluation tables).
+    """
+    if chunk < 1:
+        raise ValueError(f"chunk must be a positive number of items, got {chunk}.")
+    n_items = meta.size(0)
+    hidden = fusion.fallback.numel()
+    table = torch.empty(n_items, hidden, device=meta.device)
+    with torch.no_grad():
+        for start in range(0, n_items, chunk):
+            rows = slice(start, start + chunk)
+            fused = fusion(meta[rows], has_meta[rows], reviews[rows], review_mask[rows])[0]
+            table[rows] = fused if base is None else base[rows] + fused
+    return table
