@@ -82,10 +82,10 @@ def measure(dataset: str, llm_layers: int | None, train_steps: int, eval_users: 
     backbone_sec = _timed(lambda: model.backbone.full_sort_predict(part), 3)
 
     micro = {key: value[:model.micro_batch] for key, value in part.items()}
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:  # its module hooks reject inference tensors
+        model._llm_states(micro[model.ITEM_SEQ], micro[model.ITEM_SEQ_LEN])
+    llm_flops = counter.get_total_flops()
     with torch.inference_mode():
-        with FlopCounterMode(display=False) as counter:
-            model._llm_states(micro[model.ITEM_SEQ], micro[model.ITEM_SEQ_LEN])
-        llm_flops = counter.get_total_flops()
         llm_sec = _timed(lambda: model._llm_states(micro[model.ITEM_SEQ], micro[model.ITEM_SEQ_LEN]), 3)
         tokens = micro[model.ITEM_SEQ].size(0) * model.prompts.assemble(micro[model.ITEM_SEQ], micro[model.ITEM_SEQ_LEN]).token_ids.size(1)
         text_config = model.decoder.config
