@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import os
 import types
 from typing import Any
 
@@ -54,8 +55,20 @@ def load_checkpoint(path: Any, *args: Any, **kwargs: Any) -> Any:
     they pickle the run's Config. Only files we wrote are loaded this way; user-supplied
     weights keep torch's safe default.
     """
+    import pickle
+    import zipfile
+
     kwargs.setdefault("weights_only", False)
-    return _torch_load(path, *args, **kwargs)
+    try:
+        return _torch_load(path, *args, **kwargs)
+    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile) as error:
+        unreadable = not isinstance(error, RuntimeError) or "PytorchStreamReader" in str(error) or "zip" in str(error)
+        if not isinstance(path, (str, os.PathLike)) or not unreadable:
+            raise
+        raise ValueError(
+            f"Checkpoint {path} is corrupt or truncated ({type(error).__name__}: {str(error)[:120]}). "
+            "It was probably cut off while being written: retrain to write it again, or use an earlier checkpoint."
+        ) from error
 
 
 class _TorchWithCheckpointLoad(types.ModuleType):

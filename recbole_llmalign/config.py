@@ -39,9 +39,13 @@ class Config(RecBoleConfig):
             PROPERTIES_DIR / "model" / f"{model}.yaml",
             PROPERTIES_DIR / "dataset" / f"{dataset}.yaml",
         ]
+        self.plugin_defaults: dict[str, tuple[Any, str]] = {}
         for file in plugin_files:
             if file.is_file():
                 loaded = self._update_internal_config_dict(str(file)) or {}
+                if file.parent.name != "dataset":
+                    where = str(file.relative_to(PROPERTIES_DIR.parents[1]))
+                    self.plugin_defaults.update({key: (value, where) for key, value in loaded.items()})
                 if file.parent.name == "dataset":
                     self.parameters["Dataset"] += [
                         key for key in loaded if key not in self.parameters["Dataset"]
@@ -62,3 +66,29 @@ class Config(RecBoleConfig):
         user_data_path = self.external_config_dict.get("data_path")
         if self.dataset == "ml-100k" and user_data_path:
             self.final_config_dict["data_path"] = os.path.join(user_data_path, self.dataset)
+        self._check_plugin_key_types()
+
+    def _check_plugin_key_types(self) -> None:
+        """A plugin key set to the wrong type (``--llm_layers=eight``) fails here, naming the key and its YAML."""
+        for key, (default, file_name) in self.plugin_defaults.items():
+            value = self.final_config_dict.get(key)
+            if default is None or value is None:
+                continue
+            if isinstance(default, bool):
+                ok, expected = isinstance(value, bool), "true or false"
+            elif isinstance(default, int):
+                ok, expected = isinstance(value, int) and not isinstance(value, bool), "an integer"
+            elif isinstance(default, float):
+                ok, expected = isinstance(value, (int, float)) and not isinstance(value, bool), "a number"
+            elif isinstance(default, str):
+                ok, expected = isinstance(value, str), "a string"
+            elif isinstance(default, (list, tuple)):
+                ok, expected = isinstance(value, (list, tuple)), "a list"
+            else:
+                continue
+            if not ok:
+                raise ValueError(
+                    f"Config key '{key}' must be {expected} (default {default!r}, documented in "
+                    f"{file_name}), got {value!r} ({type(value).__name__}). "
+                    "Fix it in your config file, config dict or command line."
+                )

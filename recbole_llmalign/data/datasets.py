@@ -148,6 +148,31 @@ def _atomic_header(path: Path) -> dict[str, str]:
     return dict(column.split(":", 1) for column in header if ":" in column)
 
 
+def check_text_encoding(path: Path, encoding: str, block: int = 1 << 24) -> None:
+    """Raise a clear error when an atomic file does not decode as ``encoding`` (RecBole's ``encoding`` key).
+
+    Pandas would otherwise fail deep inside RecBole with a bare UnicodeDecodeError. Decoding is
+    incremental, so a large file costs one read and little memory.
+    """
+    import codecs
+
+    decoder = codecs.getincrementaldecoder(encoding)()
+    offset = 0
+    with open(path, "rb") as handle:
+        while chunk := handle.read(block):
+            try:
+                decoder.decode(chunk)
+            except UnicodeDecodeError as error:
+                position = offset + error.start
+                raise ValueError(
+                    f"{path} is not valid {encoding}: byte {chunk[error.start]:#04x} at offset {position} cannot be decoded. "
+                    f"Re-encode the file as {encoding} (e.g. `iconv -f latin1 -t utf-8`), or set `encoding` to the file's "
+                    "encoding in your config."
+                ) from None
+            offset += len(chunk)
+        decoder.decode(b"", final=True)
+
+
 def prepare_dataset(config: Any) -> None:
     """Build or locate the dataset's atomic files and check the fields the config names."""
     dataset = config["dataset"]
@@ -167,6 +192,10 @@ def prepare_dataset(config: Any) -> None:
             f"Missing atomic file {inter_file}: RecBole needs <dataset>.inter in {data_path}. "
             "Write it (see RecBole's atomic file format) or fix data_path / the dataset name."
         )
+    encoding = config["encoding"] or "utf-8"
+    for path in sorted(data_path.glob(f"{dataset}.*")):
+        if path.suffix in (".inter", ".item", ".user"):
+            check_text_encoding(path, encoding)
     load_col = config["load_col"] or {}
     for suffix, columns in load_col.items():
         path = data_path / f"{dataset}.{suffix}"

