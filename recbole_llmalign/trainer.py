@@ -1,14 +1,26 @@
-"""What RecBole's Trainer cannot do on its own: a wall-clock budget and per-epoch cost records.
+"""What RecBole's Trainer cannot do on its own: a wall-clock budget, per-epoch cost records,
+crash-safe checkpoints and resuming an interrupted run.
 
-``with_run_controls(TrainerClass)`` returns a subclass of any RecBole trainer that records the
-seconds of every training epoch and validation pass, and stops training cleanly once
-``train_time_budget`` seconds have passed (the best checkpoint so far is kept and evaluated).
-It changes nothing else, so metrics are exactly those of the wrapped trainer.
+``with_run_controls(TrainerClass)`` returns a subclass of any RecBole trainer that
+- records the seconds of every training epoch and validation pass;
+- stops training cleanly once ``train_time_budget`` seconds have passed (the best checkpoint so
+  far is kept and evaluated);
+- writes checkpoints atomically (a kill mid-write leaves the previous file intact);
+- with ``save_latest_state``, writes the state at every epoch boundary (model, optimizer, RNG
+  and data-order state, best score so far) to ``<checkpoint_dir>/latest/``, keyed by the run's
+  config; with ``resume_from_latest``, a rerun of the same config continues from it and ends
+  with the same metrics as an uninterrupted run.
+Metrics are otherwise exactly those of the wrapped trainer.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+import random
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -34,9 +46,12 @@ class RunControlsMixin:
         self.time_to_best: float = 0.0  # seconds from fit start to the end of the best validation
         self.best_epoch: int = 0
         self._fit_started: float | None = None
+        self._first_epoch = 0
 
     def _train_epoch(self, train_data: Any, epoch_idx: int, *args: Any, **kwargs: Any) -> Any:
         now = time.perf_counter()
+        if epoch_idx > self._first_epoch:
+            self._save_latest_state(train_data, epoch_idx)
         if self._fit_started is None:
             self._fit_started = now
         elif self.train_time_budget is not None and now - self._fit_started >= self.train_time_budget:
@@ -63,11 +78,89 @@ class RunControlsMixin:
     def fit(self, train_data: Any, valid_data: Any = None, *args: Any, **kwargs: Any) -> Any:
         """RecBole's fit; on a spent budget, return the best result reached so far."""
         self._fit_started = None
+        self._first_epoch = self.start_epoch  # type: ignore[attr-defined]
+        if self.config["resume_from_latest"]:
+            self._resume_latest_state(train_data)
         try:
-            return super().fit(train_data, valid_data, *args, **kwargs)  # type: ignore[misc]
+            result = super().fit(train_data, valid_data, *args, **kwargs)  # type: ignore[misc]
         except TimeBudgetReached as stop:
             self.logger.info(f"Stopping: {stop}; evaluating the best checkpoint so far.")
-            return self.best_valid_score, self.best_valid_result  # type: ignore[attr-defined]
+            result = self.best_valid_score, self.best_valid_result  # type: ignore[attr-defined]
+        self._save_latest_state(train_data, self.epochs, finished=True)  # type: ignore[attr-defined]
+        return result
+
+    # ---- crash safety ----
+    def _save_checkpoint(self, epoch: int, verbose: bool = True, **kwargs: Any) -> None:
+        """RecBole's checkpoint, written to a temporary file and moved into place."""
+        target = kwargs.pop("saved_model_file", self.saved_model_file)  # type: ignore[attr-defined]
+        temp = f"{target}.tmp-{os.getpid()}"
+        super()._save_checkpoint(epoch, verbose=False, saved_model_file=temp, **kwargs)  # type: ignore[misc]
+        if os.path.isfile(temp):  # other ranks write nothing
+            os.replace(temp, target)
+            if verbose:
+                self.logger.info(f"Saving current: {target}")
+
+    def latest_state_file(self) -> Path:
+        """``<checkpoint_dir>/latest/<model>-<dataset>-<config hash>.pth``: one per run config."""
+        config = self.config
+        settings = {k: v for k, v in config.external_config_dict.items() if k not in ("resume_from_latest", "save_latest_state")}
+        digest = hashlib.sha256(json.dumps({"model": config["model"], "dataset": config["dataset"], **settings},
+                                           sort_keys=True, default=str).encode()).hexdigest()[:16]
+        return Path(config["checkpoint_dir"]) / "latest" / f"{config['model']}-{config['dataset']}-{digest}.pth"
+
+    def _save_latest_state(self, train_data: Any, next_epoch: int, finished: bool = False) -> None:
+        if not self.config["save_latest_state"] or (not self.config["single_spec"] and self.config["local_rank"] != 0):
+            return
+        import numpy as np
+        import torch
+
+        state = {
+            "next_epoch": next_epoch, "finished": finished, "cur_step": self.cur_step,  # type: ignore[attr-defined]
+            "best_valid_score": self.best_valid_score, "best_valid_result": self.best_valid_result,  # type: ignore[attr-defined]
+            "best_epoch": self.best_epoch, "saved_model_file": self.saved_model_file,  # type: ignore[attr-defined]
+            "state_dict": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),  # type: ignore[attr-defined]
+            "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+                    "data_order": train_data.generator.get_state() if hasattr(train_data, "generator") else None},
+        }
+        path = self.latest_state_file()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        torch.save(state, temp)
+        os.replace(temp, path)
+
+    def _resume_latest_state(self, train_data: Any) -> None:
+        import numpy as np
+
+        from recbole_llmalign.compat import load_checkpoint
+
+        path = self.latest_state_file()
+        if not path.is_file():
+            self.logger.info(f"resume_from_latest: no saved state at {path}; training from the start.")
+            return
+        try:
+            state = load_checkpoint(path, map_location="cpu")
+            if state["finished"]:
+                self.logger.info(f"resume_from_latest: the run saved at {path} had finished; training from the start.")
+                return
+            self.model.load_state_dict(state["state_dict"])  # type: ignore[attr-defined]
+            self.optimizer.load_state_dict(state["optimizer"])  # type: ignore[attr-defined]
+        except (ValueError, KeyError, RuntimeError) as error:
+            self.logger.warning(f"resume_from_latest: {path} is unusable ({error}); training from the start.")
+            return
+        import torch
+
+        self.start_epoch = self._first_epoch = int(state["next_epoch"])  # type: ignore[attr-defined]
+        self.cur_step = state["cur_step"]  # type: ignore[attr-defined]
+        self.best_valid_score, self.best_valid_result = state["best_valid_score"], state["best_valid_result"]  # type: ignore[attr-defined]
+        self.best_epoch = state["best_epoch"]
+        if state["saved_model_file"] and os.path.isfile(state["saved_model_file"]):
+            self.saved_model_file = state["saved_model_file"]  # type: ignore[attr-defined]
+        torch.set_rng_state(state["rng"]["torch"])
+        np.random.set_state(state["rng"]["numpy"])
+        random.setstate(state["rng"]["python"])
+        if state["rng"]["data_order"] is not None and hasattr(train_data, "generator"):
+            train_data.generator.set_state(state["rng"]["data_order"])
+        self.logger.info(f"resume_from_latest: continuing at epoch {self.start_epoch} from {path}.")  # type: ignore[attr-defined]
 
 
 _wrapped: dict[type, type] = {}
