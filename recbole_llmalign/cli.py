@@ -3,6 +3,7 @@
     python run_recbole_llmalign.py --model=SASRec --dataset=ml-100k [--config_files="a.yaml b.yaml"] [--key=value ...]
     python run_recbole_llmalign.py --compare=SASRec,GRU4Rec,BERT4Rec,Pop --dataset=ml-100k [--key=value ...]
     python run_recbole_llmalign.py convert-amazon --reviews=r.csv [--metadata=m.json] --name=my-data [--output_dir=dataset]
+    python run_recbole_llmalign.py recommend --model_file=saved/<Model>-<time>.pth --user=<id> [--topk=10] [--explain]
 
 Any ``--key=value`` not listed here is a RecBole/plugin config override, exactly as in RecBole.
 """
@@ -35,8 +36,25 @@ def _convert_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _recommend_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="run_recbole_llmalign.py recommend",
+                                     description="Top-K items for one user from a saved checkpoint.")
+    parser.add_argument("--model_file", required=True, help="checkpoint written by a run (saved/<Model>-<time>.pth)")
+    parser.add_argument("--user", required=True, help="external user id, as in the dataset's .inter file")
+    parser.add_argument("--topk", type=int, default=10)
+    parser.add_argument("--explain", action="store_true", help="one LLM-generated reason per item (AlignLLMRec)")
+    return parser
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "recommend":
+        from recbole_llmalign.recommend import recommend
+
+        args = _recommend_parser().parse_args(argv[1:])
+        sys.argv = sys.argv[:1]  # RecBole's Config would read the subcommand's flags as config keys
+        print(recommend(args.model_file, args.user, args.topk, args.explain).render())
+        return 0
     if argv and argv[0] == "convert-amazon":
         from recbole_llmalign.data import convert_amazon
 

@@ -111,6 +111,9 @@ class AlignLLMRec(SequentialRecommender):
 
         title_field = (config["item_text_fields"] or [None])[0]
         titles = item_texts(dataset, [title_field]) if title_field else [""] * dataset.item_num
+        self.titles = titles
+        self.explanation_template = config["explanation_template"] or " They will enjoy {item} because"
+        self.explanation_tokens = int(config["explanation_max_tokens"] or 24)
         self.prompts = PromptBuilder(self.tokenizer, config["prompt_template"], titles, mode=config["prompt_mode"],
                                      history_items=int(config["prompt_history_items"]),
                                      title_max_tokens=int(config["title_max_tokens"]))
@@ -247,6 +250,50 @@ class AlignLLMRec(SequentialRecommender):
                 part = {self.ITEM_SEQ: item_seq[rows], self.ITEM_SEQ_LEN: item_seq_len[rows]}
                 scores[rows] = self._scores_and_query(part)[0]
         return scores.clone()
+
+    # ---- explanations ----
+    def explain(self, item_seq: torch.Tensor, item_seq_len: torch.Tensor, items: torch.Tensor) -> list[str]:
+        """One short generated reason per item in ``items`` for the user ``item_seq[0]``.
+
+        The LLM reads the same hybrid prompt that ranked the items (instruction, prefixes, soft
+        tokens, history titles), then ``explanation_template`` with the item's title, and
+        continues greedily (a mild repetition penalty) for up to ``explanation_max_tokens``.
+        """
+        base = self.llm.get_base_model() if self._lora else self.llm
+        lm_head = base.get_output_embeddings()
+        eos = self.tokenizer.eos_token_id
+        reasons = []
+        with torch.inference_mode():
+            item_seq, item_seq_len = item_seq[:1], item_seq_len[:1]
+            user = self._user_vectors(item_seq, item_seq_len)
+            prompt, mask, _ = self.prompt_embeddings(item_seq, item_seq_len, user)
+            prompt, mask = prompt[:, mask[0].bool()], mask[:, mask[0].bool()]  # one user: drop padding
+            for item in items.tolist():
+                tail = self.tokenizer(self.explanation_template.format(item=self.titles[item] or f"item {item}"),
+                                      add_special_tokens=False, return_tensors="pt")["input_ids"].to(prompt.device)
+                embeds = torch.cat([prompt, self.decoder.embed_tokens(tail)], dim=1)
+                cache, prefix_length = self._prefix_cache(user)
+                positions = torch.arange(embeds.size(1), device=embeds.device).unsqueeze(0) + prefix_length
+                attention = torch.ones(1, prefix_length + embeds.size(1), dtype=torch.long, device=embeds.device)
+                output = self.decoder(inputs_embeds=embeds, attention_mask=attention, position_ids=positions,
+                                      past_key_values=cache, use_cache=True)
+                generated: list[int] = []
+                for _ in range(self.explanation_tokens):
+                    logits = lm_head(output.last_hidden_state[:, -1])[0]
+                    if generated:
+                        seen = torch.tensor(sorted(set(generated)), device=logits.device)
+                        logits[seen] = torch.where(logits[seen] > 0, logits[seen] / 1.3, logits[seen] * 1.3)
+                    token = int(logits.argmax())
+                    if token == eos:
+                        break
+                    generated.append(token)
+                    positions = positions[:, -1:] + 1
+                    attention = torch.cat([attention, attention.new_ones(1, 1)], dim=1)
+                    output = self.decoder(inputs_embeds=self.decoder.embed_tokens(torch.tensor([[token]], device=logits.device)),
+                                          attention_mask=attention, position_ids=positions,
+                                          past_key_values=output.past_key_values, use_cache=True)
+                reasons.append(self.tokenizer.decode(generated, skip_special_tokens=True).strip())
+        return reasons
 
     # ---- trainable-only checkpoints ----
     def trainable_names(self) -> set[str]:
