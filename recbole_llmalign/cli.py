@@ -23,6 +23,11 @@ def _main_parser() -> argparse.ArgumentParser:
                         help="comma-separated model names to run with one shared config and seed")
     parser.add_argument("--output_dir", type=str, default="saved/compare",
                         help="where --compare writes its .md/.csv/.png")
+    parser.add_argument("--nproc", type=int, default=1, help="processes on this node (RecBole's multi-process mode)")
+    parser.add_argument("--world_size", type=int, default=-1, help="processes over all nodes (-1 = nproc)")
+    parser.add_argument("--ip", type=str, default="localhost", help="address of the rank-0 node")
+    parser.add_argument("--port", type=str, default="5678", help="port of the rank-0 node")
+    parser.add_argument("--group_offset", type=int, default=0, help="global rank of this node's first process")
     return parser
 
 
@@ -71,5 +76,6 @@ def main(argv: list[str] | None = None) -> int:
         models = [m.strip() for m in args.compare.split(",") if m.strip()]
         compare(models, args.dataset, config_file_list, output_dir=args.output_dir)
     else:
-        run_recbole_llmalign(model=args.model, dataset=args.dataset, config_file_list=config_file_list)
+        run_recbole_llmalign(model=args.model, dataset=args.dataset, config_file_list=config_file_list, nproc=args.nproc,
+                             world_size=args.world_size, ip=args.ip, port=args.port, group_offset=args.group_offset)
     return 0

@@ -128,6 +128,23 @@ def import_sequential_models_without_anomaly_mode() -> None:
     torch.autograd.set_detect_anomaly(was_enabled)
 
 
+def ddp_on_cpu() -> None:
+    """RecBole wraps models in ``DistributedDataParallel(model, device_ids=[local_rank])``, which
+    torch refuses for CPU modules; give CPU modules ``device_ids=None`` (RecBole's trainer module only)."""
+    trainer_module = importlib.import_module("recbole.trainer.trainer")
+    original = trainer_module.DistributedDataParallel
+    if getattr(original, "_cpu_aware", False):
+        return
+
+    def distributed_data_parallel(module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+        if all(p.device.type == "cpu" for p in module.parameters()):
+            kwargs["device_ids"] = None
+        return original(module, *args, **kwargs)
+
+    distributed_data_parallel._cpu_aware = True  # type: ignore[attr-defined]
+    trainer_module.DistributedDataParallel = distributed_data_parallel
+
+
 def apply() -> None:
     """Run every adapter once. Idempotent."""
     global _applied
@@ -136,4 +153,5 @@ def apply() -> None:
     add_numpy_aliases()
     import_sequential_models_without_anomaly_mode()
     scope_checkpoint_loading()
+    ddp_on_cpu()
     _applied = True

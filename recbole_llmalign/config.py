@@ -51,6 +51,31 @@ class Config(RecBoleConfig):
                         key for key in loaded if key not in self.parameters["Dataset"]
                     ]
 
+    def _init_device(self) -> None:
+        """RecBole's device set-up, plus multi-process runs on CPUs (gloo backend).
+
+        RecBole 1.2.1 always starts NCCL on ``cuda:<local_rank>`` when ``local_rank`` is set; on a
+        machine without GPUs (or with ``gpu_id: ''``) the ranks use gloo on the CPU instead.
+        """
+        import torch
+
+        gpu_id = str(self.final_config_dict.get("gpu_id", ""))
+        on_cpu = not torch.cuda.is_available() or gpu_id in ("", "cpu")
+        if "local_rank" not in self.final_config_dict or not on_cpu:
+            return super()._init_device()
+        config = self.final_config_dict
+        if not torch.distributed.is_initialized():
+            torch.distributed.init_process_group(
+                backend="gloo", rank=config["local_rank"] + config["offset"], world_size=config["world_size"],
+                init_method=f"tcp://{config['ip']}:{config['port']}",
+            )
+        config["device"] = torch.device("cpu")
+        config["single_spec"] = False
+        if config["local_rank"] != 0:
+            config["state"] = "error"
+            config["show_progress"] = False
+            config["verbose"] = False
+
     def _set_default_parameters(self) -> None:
         # RecBole 1.2.1 refuses its own default negative sampling for CE-loss models (SASRec,
         # GRU4Rec, ...) unless the user passes train_neg_sample_args=None; CE needs no negatives,

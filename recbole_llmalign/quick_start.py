@@ -82,6 +82,8 @@ def run_with_cost(
     best_valid_score, best_valid_result = trainer.fit(
         train_data, valid_data, saved=saved, show_progress=config["show_progress"]
     )
+    if not config["single_spec"]:
+        torch.distributed.barrier()  # rank 0 has finished writing the best checkpoint every rank loads
     has_best_checkpoint = saved and os.path.isfile(trainer.saved_model_file)
     eval_start = time.perf_counter()
     test_result = trainer.evaluate(
@@ -189,15 +191,58 @@ def run_recbole_llmalign(
     config_file_list: list[str] | None = None,
     config_dict: dict[str, Any] | None = None,
     saved: bool = True,
+    nproc: int = 1,
+    world_size: int = -1,
+    ip: str = "localhost",
+    port: str = "5678",
+    group_offset: int = 0,
 ) -> dict[str, Any]:
-    """RecBole's ``run_recbole`` with the plugin's models, properties and compatibility fixes.
+    """RecBole's ``run_recbole`` (and ``run`` for several processes) with the plugin's models,
+    properties and compatibility fixes.
 
     Returns the same dict: ``best_valid_score``, ``valid_score_bigger``, ``best_valid_result``,
     ``test_result``; plus ``test_cold_result`` (metrics on test users whose target item had at
     most ``cold_item_threshold`` training interactions) when that slice is not empty.
+    ``nproc``/``world_size``/``ip``/``port``/``group_offset`` are RecBole's multi-process
+    arguments; on CPUs the ranks use the gloo backend.
     """
-    result, _ = run_with_cost(model, dataset, config_file_list, config_dict, saved)
+    if nproc == 1 and world_size <= 0:
+        result, _ = run_with_cost(model, dataset, config_file_list, config_dict, saved)
+        return result
+    result, _ = run_distributed(model, dataset, config_file_list, config_dict, saved, nproc, world_size, ip, port, group_offset)
     return result
+
+
+def _run_rank(rank: int, model: str | None, dataset: str | None, config_file_list: list[str] | None,
+              config_dict: dict[str, Any], saved: bool, queue: Any) -> None:
+    result, cost = run_with_cost(model, dataset, config_file_list, {**config_dict, "local_rank": rank}, saved)
+    if rank == 0:
+        queue.put((result, asdict(cost)))
+
+
+def run_distributed(model: str | None, dataset: str | None, config_file_list: list[str] | None,
+                    config_dict: dict[str, Any] | None, saved: bool = True, nproc: int = 2, world_size: int = -1,
+                    ip: str = "localhost", port: str = "5678", group_offset: int = 0) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Spawn ``nproc`` ranks of ``run_with_cost`` on this node; returns rank 0's (result, cost).
+
+    Whatever must exist exactly once is made first, in this process: the dataset files and,
+    for AlignLLMRec, the cached backbone (its checkpoint path is handed to every rank).
+    """
+    import torch.multiprocessing as mp
+
+    config_dict = dict(config_dict or {})
+    parent = Config(model=model, dataset=dataset, config_file_list=config_file_list, config_dict=config_dict)
+    init_logger(parent)
+    prepare_dataset(parent)
+    ensure_backbone(parent, config_file_list)
+    if "backbone_checkpoint" in parent and parent["backbone_checkpoint"]:
+        config_dict["backbone_checkpoint"] = parent["backbone_checkpoint"]
+    config_dict.update(world_size=world_size if world_size > 0 else nproc, ip=ip, port=port, nproc=nproc, offset=group_offset)
+    queue = mp.get_context("spawn").SimpleQueue()
+    mp.spawn(_run_rank, args=(model, dataset, config_file_list, config_dict, saved, queue), nprocs=nproc, join=True)
+    if queue.empty():
+        raise RuntimeError("Rank 0 returned no result; see the ranks' logs above.")
+    return queue.get()
 
 
 SEQUENTIAL_PROTOCOL = {"split": {"LS": "valid_and_test"}, "order": "TO", "group_by": "user", "mode": "full"}

@@ -214,7 +214,7 @@ def subset_loader(config: Any, train_data: Any, index: np.ndarray, batch_size: i
 
     class SubsetLoader(TrainDataLoader):
         def _init_batch_size_and_step(self) -> None:
-            self.step = batch_size
+            self.step = batch_size  # RecBole divides it by world_size under multi-process training
             self.set_batch_size(batch_size)
 
     return SubsetLoader(config, subset, train_data._sampler, shuffle=config["shuffle"])

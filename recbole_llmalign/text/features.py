@@ -33,7 +33,22 @@ def _get(config: Any, key: str, default: Any) -> Any:
 
 
 def item_text_features(config: Any, train_dataset: Any) -> dict[str, torch.Tensor]:
-    """Metadata and review embeddings for every item (see module docstring). Logs timing and cache hits."""
+    """Metadata and review embeddings for every item (see module docstring). Logs timing and cache hits.
+
+    Under multi-process training rank 0 encodes and writes the cache while the other ranks wait,
+    then read it: the text is encoded once, not once per process.
+    """
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    if distributed and torch.distributed.get_rank() != 0:
+        torch.distributed.barrier()  # rank 0 has written the cache
+        return _item_text_features(config, train_dataset)
+    features = _item_text_features(config, train_dataset)
+    if distributed:
+        torch.distributed.barrier()
+    return features
+
+
+def _item_text_features(config: Any, train_dataset: Any) -> dict[str, torch.Tensor]:
     cache = EmbeddingCache(_get(config, "text_cache_dir", "saved/text_cache"))
     dataset_name = config["dataset"]
     fields = list(_get(config, "item_text_fields", []))
