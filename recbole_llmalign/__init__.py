@@ -4,4 +4,8 @@ from recbole_llmalign import compat
 
 compat.apply()
 
+from recbole_llmalign.evaluator import register_metrics  # noqa: E402
+
+register_metrics()
+
 __version__ = "0.1.0"

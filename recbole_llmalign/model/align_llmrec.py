@@ -31,6 +31,7 @@ from recbole_llmalign.llm.soft_prompt import (
     InstructionPrefix,
     LayerPrefixEncoder,
     PromptBuilder,
+    resolve_answer_tokens,
 )
 from recbole_llmalign.model.layers import info_nce
 
@@ -61,6 +62,9 @@ def load_backbone(checkpoint_path: str | None, dataset: Any) -> nn.Module:
     backbone.load_state_dict(checkpoint["state_dict"])
     backbone.requires_grad_(False)
     return backbone.eval()
+
+
+TASKS = ("ranking", "labeled")
 
 
 class AlignLLMRec(SequentialRecommender):
@@ -117,6 +121,19 @@ class AlignLLMRec(SequentialRecommender):
         self.prompts = PromptBuilder(self.tokenizer, config["prompt_template"], titles, mode=config["prompt_mode"],
                                      history_items=int(config["prompt_history_items"]),
                                      title_max_tokens=int(config["title_max_tokens"]))
+        self.task = config["task"] or "ranking"
+        if self.task not in TASKS:
+            raise ValueError(f"task must be one of {TASKS}, got '{self.task}'.")
+        if self.task == "labeled":
+            # Pointwise protocol (CoLLM / SeLLa-Rec): P(yes) vs P(no) after a prompt naming the candidate.
+            self.LABEL = config["LABEL_FIELD"]
+            self.prompts.set_candidate_template(config["candidate_template"], self.tokenizer)
+            self.answer_ids = resolve_answer_tokens(self.tokenizer, config["answer_words"], config["answer_token_ids"])
+            self.backbone_score_weight = nn.Parameter(torch.zeros(1))  # learns how much the CF dot product adds
+            self.label_bias = nn.Parameter(torch.zeros(1))
+            self.answer_head = nn.Linear(llm.hidden_size, 1)  # learned correction of the yes/no margin
+            nn.init.zeros_(self.answer_head.weight)
+            nn.init.zeros_(self.answer_head.bias)
         self._eval_item_side: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         instruction = config["instruction_text"] or ""
         self.instruction_ids = self.tokenizer(instruction, add_special_tokens=False, return_tensors="pt")["input_ids"]
@@ -185,11 +202,11 @@ class AlignLLMRec(SequentialRecommender):
             user = self.backbone.forward(item_seq, item_seq_len.clamp(min=1))
         return user * (item_seq_len > 0).unsqueeze(-1)
 
-    def prompt_embeddings(self, item_seq: torch.Tensor, item_seq_len: torch.Tensor,
-                          user: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def prompt_embeddings(self, item_seq: torch.Tensor, item_seq_len: torch.Tensor, user: torch.Tensor,
+                          candidates: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(input embeddings [B, T, D] with soft tokens placed, attention mask [B, T], token ids with placeholders)."""
         _, item_ids, fused = self._item_side()
-        prompts = self.prompts.assemble(item_seq.cpu(), item_seq_len.cpu())
+        prompts = self.prompts.assemble(item_seq.cpu(), item_seq_len.cpu(), None if candidates is None else candidates.cpu())
         token_ids = prompts.token_ids.to(item_seq.device)
         slot_items = prompts.slot_items.to(item_seq.device)
         embeds = self.decoder.embed_tokens(token_ids.clamp(min=0))
@@ -199,10 +216,11 @@ class AlignLLMRec(SequentialRecommender):
         embeds = torch.where((token_ids == SEMANTIC_SLOT).unsqueeze(-1), self.semantic_projector(fused[slot_items]), embeds)
         return embeds, prompts.attention_mask.to(item_seq.device), token_ids
 
-    def _llm_states(self, item_seq: torch.Tensor, item_seq_len: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _llm_states(self, item_seq: torch.Tensor, item_seq_len: torch.Tensor,
+                    candidates: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(last hidden state of the prompt [B, D_llm], backbone user vector [B, C]); no vocabulary head."""
         user = self._user_vectors(item_seq, item_seq_len)
-        embeds, mask, _ = self.prompt_embeddings(item_seq, item_seq_len, user)
+        embeds, mask, _ = self.prompt_embeddings(item_seq, item_seq_len, user, candidates)
         cache, prefix_length = self._prefix_cache(user)
         positions = (mask.cumsum(dim=1) - 1).clamp(min=0) + prefix_length
         full_mask = torch.cat([mask.new_ones(mask.size(0), prefix_length), mask], dim=1)
@@ -219,8 +237,23 @@ class AlignLLMRec(SequentialRecommender):
             query = query + user
         return query @ table.T, query
 
+    def answer_logits(self, item_seq: torch.Tensor, item_seq_len: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+        """Labeled task: logit of "yes" minus "no" for each (history, candidate) [B], from two rows of
+        the LM head only (plus a learned linear correction of that margin from the same state), plus
+        a learned share of the backbone's dot-product score."""
+        state, user = self._llm_states(item_seq, item_seq_len, candidates)
+        base = self.llm.get_base_model() if self._lora else self.llm
+        answer_rows = base.get_output_embeddings().weight[list(self.answer_ids)]  # [2, D]
+        yes_no = state @ answer_rows.T
+        backbone_score = (user * self._item_side()[0][candidates]).sum(-1)
+        margin = yes_no[:, 0] - yes_no[:, 1] + self.answer_head(state).squeeze(-1)
+        return margin + self.backbone_score_weight * backbone_score + self.label_bias
+
     # ---- RecBole interface ----
     def calculate_loss(self, interaction: Any) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        if self.task == "labeled":
+            logits = self.answer_logits(interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN], interaction[self.ITEM_ID])
+            return F.binary_cross_entropy_with_logits(logits, interaction[self.LABEL].float())
         scores, query = self._scores_and_query(interaction)
         target = interaction[self.POS_ITEM_ID]
         loss = F.cross_entropy(scores, target)
@@ -230,6 +263,13 @@ class AlignLLMRec(SequentialRecommender):
         return loss
 
     def predict(self, interaction: Any) -> torch.Tensor:
+        if self.task == "labeled":  # P(yes), in micro-batches of llm_micro_batch pairs
+            item_seq, lengths, items = interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN], interaction[self.ITEM_ID]
+            with torch.inference_mode():
+                scores = torch.cat([torch.sigmoid(self.answer_logits(item_seq[i:i + self.micro_batch], lengths[i:i + self.micro_batch],
+                                                                     items[i:i + self.micro_batch]))
+                                    for i in range(0, item_seq.size(0), self.micro_batch)])
+            return scores.clone()
         scores = self.full_sort_predict(interaction)
         return scores.gather(1, interaction[self.ITEM_ID].unsqueeze(1)).squeeze(1)
 
@@ -240,6 +280,9 @@ class AlignLLMRec(SequentialRecommender):
         inference mode; the result is returned in the input order, cloned outside inference mode
         because RecBole's evaluator edits scores in place.
         """
+        if self.task == "labeled":
+            raise ValueError("AlignLLMRec with task: labeled scores (history, candidate) pairs: evaluate with "
+                             "eval_args mode: labeled (AUC, GAUC), or set task: ranking for full ranking.")
         item_seq, item_seq_len = interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN]
         order = torch.tensor(self.prompts.prompt_lengths(item_seq.cpu(), item_seq_len.cpu())).argsort(stable=True)
         order = order.to(item_seq.device)

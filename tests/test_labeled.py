@@ -1,0 +1,97 @@
+"""The labeled (pointwise) protocol: UAUC, yes/no answer tokens, AlignLLMRec scoring (history, candidate) pairs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import recbole_llmalign  # noqa: F401
+from tests.conftest import TINY_SEQUENTIAL, write_atomic
+
+
+def test_uauc_equals_a_hand_computation():
+    from recbole_llmalign.evaluator import user_averaged_auc
+
+    users = np.array([1, 1, 1, 2, 2, 2, 2, 3, 3])
+    labels = np.array([1, 0, 0, 1, 1, 0, 0, 1, 1])  # user 3 has no negative: skipped
+    scores = np.array([0.9, 0.5, 0.95, 0.2, 0.6, 0.6, 0.1, 0.3, 0.4])
+    # user 1: positive 0.9 beats 0.5, loses to 0.95 -> 1/2
+    # user 2: positives {0.2, 0.6} vs negatives {0.6, 0.1}: 0.2>0.1 (1), 0.6=0.6 (1/2), 0.6>0.1 (1) -> 2.5/4
+    value, counted = user_averaged_auc(scores, labels, users)
+    assert counted == 2 and value == pytest.approx((0.5 + 0.625) / 2)
+
+
+def test_answer_words_must_be_single_tokens(tiny_llama_dir):
+    from transformers import AutoTokenizer
+
+    from recbole_llmalign.llm.soft_prompt import resolve_answer_tokens
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    assert resolve_answer_tokens(tokenizer, ["yes", "no"]) == (3, 4)
+    with pytest.raises(ValueError, match="(?s)'maybe' is 1 tokens.*not one known token.*answer_token_ids"):
+        resolve_answer_tokens(tokenizer, ["maybe", "no"])
+    assert resolve_answer_tokens(tokenizer, ["maybe", "no"], [5, 6]) == (5, 6)
+    with pytest.raises(ValueError, match="inside the vocabulary"):
+        resolve_answer_tokens(tokenizer, ["yes", "no"], [3, 999])
+
+
+@pytest.fixture
+def labeled_dataset(tmp_path) -> tuple[str, str]:
+    """Users walk a cycle of 30 items; they like (rating 5) the odd items and dislike (1) the even ones,
+    so the label is a property of the candidate the collaborative item vectors can carry."""
+    rows = []
+    for user in range(1, 121):
+        start = (user * 7) % 30
+        rows += [[f"u{user}", f"i{(start + step) % 30 + 1}", 5.0 if ((start + step) % 30 + 1) % 2 else 1.0, 1000 * user + step]
+                 for step in range(14)]
+    root = tmp_path / "data"
+    write_atomic(root / "cyc" / "cyc.inter", ["user_id:token", "item_id:token", "rating:float", "timestamp:float"], rows)
+    write_atomic(root / "cyc" / "cyc.item", ["item_id:token", "title:token_seq"], [[f"i{i}", f"Item number {i}"] for i in range(1, 31)])
+    return str(root), "cyc"
+
+
+def _labeled_config(data_path: str, **overrides) -> dict:
+    config = dict(TINY_SEQUENTIAL, data_path=data_path, load_col={"inter": ["user_id", "item_id", "rating", "timestamp"]},
+                  threshold={"rating": 4}, eval_args={"split": {"RS": [0.8, 0.1, 0.1]}, "order": "TO", "group_by": None,
+                                                      "mode": "labeled"},
+                  metrics=["AUC", "UAUC"], valid_metric="AUC", learning_rate=0.01, item_text_fields=["title"])
+    config.update(overrides)
+    return config
+
+
+def test_alignllmrec_labeled_task_learns_the_label_and_reports_auc_and_uauc(labeled_dataset, tiny_llama_dir):
+    from recbole_llmalign.quick_start import run_with_cost
+
+    data_path, name = labeled_dataset
+    config = _labeled_config(data_path, task="labeled", llm_path=str(tiny_llama_dir), llm_layers=2, answer_words=["yes", "no"],
+                             train_batch_size=64, train_sample_budget=1.0, epochs=12, backbone_epochs=3, eval_batch_size=256)
+    result, _ = run_with_cost("AlignLLMRec", name, config_dict=config)
+    assert set(result["test_result"]) >= {"auc", "uauc"}
+    assert result["test_result"]["auc"] > 0.9  # chance is 0.5
+    assert 0 <= result["test_result"]["uauc"] <= 1
+    checkpoint = sorted(Path("saved").glob("AlignLLMRec-*.pth"))[-1]
+    assert {"backbone_score_weight", "label_bias"} <= set(torch.load(checkpoint, weights_only=False)["state_dict"])
+
+
+def test_labeled_task_refuses_full_ranking(trained_backbone, tiny_llama_dir):
+    from recbole.data import create_dataset, data_preparation
+
+    from recbole_llmalign.config import Config
+    from recbole_llmalign.utils import get_model
+    from tests.conftest import cyclic_config
+
+    data_path, name, checkpoint = trained_backbone
+    config = Config(model="AlignLLMRec", dataset=name, config_dict=cyclic_config(
+        data_path, item_text_fields=["title"], backbone_checkpoint=checkpoint, llm_path=str(tiny_llama_dir), llm_layers=2,
+        task="labeled", answer_words=["yes", "no"]))
+    train, _, test = data_preparation(config, create_dataset(config))
+    model = get_model("AlignLLMRec")(config, train._dataset).eval()
+    with pytest.raises(ValueError, match="task: labeled scores .* pairs"):
+        model.full_sort_predict(next(iter(test))[0])
+    with pytest.raises(ValueError, match="task must be one of"):
+        get_model("AlignLLMRec")(Config(model="AlignLLMRec", dataset=name, config_dict=cyclic_config(
+            data_path, item_text_fields=["title"], backbone_checkpoint=checkpoint, llm_path=str(tiny_llama_dir),
+            llm_layers=2, task="ctr")), train._dataset)
