@@ -136,7 +136,7 @@ def test_amazon_converter_names_missing_columns(tmp_path):
 
 def test_unknown_dataset_names_offline_datasets(tmp_path):
     config = Config(model="Pop", dataset="no-such-data", config_dict={"data_path": str(tmp_path)})
-    with pytest.raises(FileNotFoundError, match="Unknown dataset 'no-such-data'.*ml-100k, ml-1m, amazon-games"):
+    with pytest.raises(FileNotFoundError, match="Unknown dataset 'no-such-data'.*ml-100k, ml-1m, ml-1m-ctr, amazon-games"):
         prepare_dataset(config)
 
 
