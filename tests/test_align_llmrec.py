@@ -240,3 +240,44 @@ def test_real_smollm2_trains_and_ranks_on_the_fixture(trained_backbone, smollm2_
                            llm_layers=2, train_batch_size=32, epochs=1)
     result, cost = run_with_cost("AlignLLMRec", name, config_dict=config)
     assert 0 <= result["test_result"]["ndcg@5"] <= 1 and cost.epochs == 1
+
+
+@pytest.fixture
+def tiny_t5_dir(tmp_path):
+    """A randomly initialised 2-layer T5 (d_model 32) with a word-level tokenizer, saved as an HF folder."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast, T5Config, T5ForConditionalGeneration
+
+    words = ["<pad>", "</s>", "<unk>", "yes", "no", "user", "item", "watched", "recommend", "the", "next", "movie"]
+    core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>", pad_token="<pad>", eos_token="</s>")
+    torch.manual_seed(0)
+    config = T5Config(vocab_size=len(words), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=4,
+                      pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
+    folder = tmp_path / "tiny-t5"
+    T5ForConditionalGeneration(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_encoder_decoder_llm_takes_soft_tokens_and_trains(trained_backbone, tiny_t5_dir):
+    _, model, (train, _, test) = _build(trained_backbone, tiny_t5_dir, use_layer_prefix=False, use_instruction_prefix=False)
+    assert model.is_encoder_decoder
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if n.startswith("llm.")}
+    projector_before = model.user_projector.net[0].weight.detach().clone()
+    model.train()
+    batch = next(iter(train))
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(2):  # the zero-initialised head passes gradient back from the second step on
+        optimizer.zero_grad()
+        sum(model.calculate_loss(batch)).backward()
+        optimizer.step()
+    assert all(p.grad is None for n, p in model.named_parameters() if n.startswith("llm."))
+    assert not torch.equal(model.user_projector.net[0].weight, projector_before)  # soft tokens reach the loss
+    assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if n in frozen)
+    model.eval()
+    interaction = next(iter(test))[0]
+    assert model.full_sort_predict(interaction).shape == (len(interaction), model.n_items)
+    with pytest.raises(ValueError, match="encoder-decoder LLM.*use_layer_prefix: False"):
+        _build(trained_backbone, tiny_t5_dir)

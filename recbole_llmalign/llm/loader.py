@@ -41,6 +41,7 @@ class LoadedLLM:
     hidden_size: int
     num_layers: int
     trainable_names: list[str] = field(default_factory=list)
+    is_encoder_decoder: bool = False
 
 
 def smollm2_gguf_path() -> Path:
@@ -144,20 +145,28 @@ def load_causal_lm(
     """Load, optionally cut to the first ``llm_layers`` layers, freeze, and optionally add LoRA."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    from transformers import AutoModelForSeq2SeqLM
+
     source = resolve_llm_path(llm_path, cache_dir)
     config = AutoConfig.from_pretrained(source)
-    if not any(name.endswith("ForCausalLM") for name in (config.architectures or [])):
+    seq2seq = bool(getattr(config, "is_encoder_decoder", False))
+    architectures = config.architectures or []
+    if not seq2seq and not any(name.endswith("ForCausalLM") for name in architectures):
         raise ValueError(
-            f"llm_path {source} holds a {config.architectures or config.model_type} model, not a causal LM. "
-            "Use a decoder-only model (e.g. Llama, Qwen, SmolLM)."
+            f"llm_path {source} holds a {architectures or config.model_type} model, not a causal LM. "
+            "Use a decoder-only model (e.g. Llama, Qwen, SmolLM) or an encoder-decoder one (e.g. Flan-T5)."
         )
-    total_layers = int(config.num_hidden_layers)
+    layers_key = "num_layers" if seq2seq else "num_hidden_layers"  # T5-style configs name their depth num_layers
+    total_layers = int(getattr(config, layers_key))
     if llm_layers is not None and llm_layers > 0:
         if llm_layers > total_layers:
             raise ValueError(f"llm_layers={llm_layers} but {source} has only {total_layers} layers.")
-        config.num_hidden_layers = int(llm_layers)  # build only the layers we keep
+        setattr(config, layers_key, int(llm_layers))  # build only the layers we keep
+        if seq2seq:
+            config.num_decoder_layers = min(int(llm_layers), int(getattr(config, "num_decoder_layers", llm_layers)))
     torch_dtype = getattr(torch, dtype)
-    model = AutoModelForCausalLM.from_pretrained(source, config=config, dtype=torch_dtype)
+    model_class = AutoModelForSeq2SeqLM if seq2seq else AutoModelForCausalLM
+    model = model_class.from_pretrained(source, config=config, dtype=torch_dtype)
     tokenizer = AutoTokenizer.from_pretrained(source)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -170,8 +179,9 @@ def load_causal_lm(
         model = get_peft_model(model, LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
                                                  target_modules=list(lora_target_modules), bias="none"))
     trainable = [name for name, p in model.named_parameters() if p.requires_grad]
-    num_layers = len(_decoder_layers(model.get_base_model() if lora_r > 0 else model))
-    logger.info(f"LLM {source}: {num_layers}/{total_layers} layers, hidden {config.hidden_size}, dtype {dtype}, "
-                f"LoRA r={lora_r}, {len(trainable)} trainable tensors.")
-    return LoadedLLM(model=model, tokenizer=tokenizer, source=source, hidden_size=int(config.hidden_size),
-                     num_layers=num_layers, trainable_names=trainable)
+    num_layers = int(getattr(config, layers_key)) if seq2seq else len(_decoder_layers(model.get_base_model() if lora_r > 0 else model))
+    hidden_size = int(getattr(config, "d_model", None) or config.hidden_size)
+    logger.info(f"LLM {source}: {'encoder-decoder, ' if seq2seq else ''}{num_layers}/{total_layers} layers, hidden "
+                f"{hidden_size}, dtype {dtype}, LoRA r={lora_r}, {len(trainable)} trainable tensors.")
+    return LoadedLLM(model=model, tokenizer=tokenizer, source=source, hidden_size=hidden_size,
+                     num_layers=num_layers, trainable_names=trainable, is_encoder_decoder=seq2seq)

@@ -90,11 +90,26 @@ class AlignLLMRec(SequentialRecommender):
                 "remove llm_hidden_size or choose a matching LLM."
             )
         self.llm, self.tokenizer = llm.model, llm.tokenizer
-        self.decoder = self.llm.get_base_model().model if int(config["lora_r"]) > 0 else self.llm.model
-        text_config = self.decoder.config
-        n_layers = llm.num_layers
-        kv_heads = int(getattr(text_config, "num_key_value_heads", text_config.num_attention_heads))
-        head_dim = int(getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads)
+        base = self.llm.get_base_model() if int(config["lora_r"]) > 0 else self.llm
+        self.is_encoder_decoder = llm.is_encoder_decoder
+        self.embed_tokens = base.get_input_embeddings()
+        if self.is_encoder_decoder:
+            # Encoder-decoder LLMs (Flan-T5 style): soft tokens and the instruction text go into the
+            # encoder input; the ranking state is the decoder's first position.
+            if config["use_layer_prefix"] or config["use_instruction_prefix"]:
+                raise ValueError(
+                    f"{llm.source} is an encoder-decoder LLM: it takes the soft tokens in its encoder input, while the "
+                    "per-layer key/value prefixes are for decoder-only LLMs. Set use_layer_prefix: False and "
+                    "use_instruction_prefix: False, or use a decoder-only llm_path."
+                )
+            self.decoder = base
+            n_layers = kv_heads = head_dim = 0
+        else:
+            self.decoder = base.model
+            text_config = self.decoder.config
+            n_layers = llm.num_layers
+            kv_heads = int(getattr(text_config, "num_key_value_heads", text_config.num_attention_heads))
+            head_dim = int(getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads)
 
         self.user_projector = CFProjector(cf_dim, llm.hidden_size)
         self.history_projector = CFProjector(cf_dim, llm.hidden_size)
@@ -209,7 +224,7 @@ class AlignLLMRec(SequentialRecommender):
         prompts = self.prompts.assemble(item_seq.cpu(), item_seq_len.cpu(), None if candidates is None else candidates.cpu())
         token_ids = prompts.token_ids.to(item_seq.device)
         slot_items = prompts.slot_items.to(item_seq.device)
-        embeds = self.decoder.embed_tokens(token_ids.clamp(min=0))
+        embeds = self.embed_tokens(token_ids.clamp(min=0))
         user_vec = self.user_projector(user).unsqueeze(1).expand_as(embeds)
         embeds = torch.where((token_ids == USER_SLOT).unsqueeze(-1), user_vec, embeds)
         embeds = torch.where((token_ids == HISTORY_SLOT).unsqueeze(-1), self.history_projector(item_ids[slot_items]), embeds)
@@ -221,12 +236,26 @@ class AlignLLMRec(SequentialRecommender):
         """(last hidden state of the prompt [B, D_llm], backbone user vector [B, C]); no vocabulary head."""
         user = self._user_vectors(item_seq, item_seq_len)
         embeds, mask, _ = self.prompt_embeddings(item_seq, item_seq_len, user, candidates)
+        if self.is_encoder_decoder:
+            return self._encoder_decoder_state(embeds, mask), user
         cache, prefix_length = self._prefix_cache(user)
         positions = (mask.cumsum(dim=1) - 1).clamp(min=0) + prefix_length
         full_mask = torch.cat([mask.new_ones(mask.size(0), prefix_length), mask], dim=1)
         output = self.decoder(inputs_embeds=embeds, attention_mask=full_mask, position_ids=positions,
                               past_key_values=cache, use_cache=cache is not None)
         return output.last_hidden_state[:, -1], user  # left padding: the last position is real
+
+    def _encoder_decoder_state(self, embeds: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Encoder reads [instruction text; prompt with soft tokens]; returns the decoder's first state [B, D]."""
+        ids = self.instruction_ids.to(embeds.device)
+        if ids.numel() > 0:
+            instruction = self.embed_tokens(ids).expand(embeds.size(0), -1, -1)
+            embeds = torch.cat([instruction, embeds], dim=1)
+            mask = torch.cat([mask.new_ones(mask.size(0), ids.size(1)), mask], dim=1)
+        encoded = self.decoder.get_encoder()(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
+        start = torch.full((embeds.size(0), 1), int(self.decoder.config.decoder_start_token_id), device=embeds.device)
+        decoded = self.decoder.get_decoder()(input_ids=start, encoder_hidden_states=encoded, encoder_attention_mask=mask)
+        return decoded.last_hidden_state[:, 0]
 
     def _scores_and_query(self, interaction: Any) -> tuple[torch.Tensor, torch.Tensor]:
         item_seq, item_seq_len = interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN]
@@ -302,6 +331,8 @@ class AlignLLMRec(SequentialRecommender):
         tokens, history titles), then ``explanation_template`` with the item's title, and
         continues greedily (a mild repetition penalty) for up to ``explanation_max_tokens``.
         """
+        if self.is_encoder_decoder:
+            raise ValueError("Explanations are generated with decoder-only LLMs; this model uses an encoder-decoder one.")
         base = self.llm.get_base_model() if self._lora else self.llm
         lm_head = base.get_output_embeddings()
         eos = self.tokenizer.eos_token_id
@@ -314,7 +345,7 @@ class AlignLLMRec(SequentialRecommender):
             for item in items.tolist():
                 tail = self.tokenizer(self.explanation_template.format(item=self.titles[item] or f"item {item}"),
                                       add_special_tokens=False, return_tensors="pt")["input_ids"].to(prompt.device)
-                embeds = torch.cat([prompt, self.decoder.embed_tokens(tail)], dim=1)
+                embeds = torch.cat([prompt, self.embed_tokens(tail)], dim=1)
                 cache, prefix_length = self._prefix_cache(user)
                 positions = torch.arange(embeds.size(1), device=embeds.device).unsqueeze(0) + prefix_length
                 attention = torch.ones(1, prefix_length + embeds.size(1), dtype=torch.long, device=embeds.device)
@@ -332,7 +363,7 @@ class AlignLLMRec(SequentialRecommender):
                     generated.append(token)
                     positions = positions[:, -1:] + 1
                     attention = torch.cat([attention, attention.new_ones(1, 1)], dim=1)
-                    output = self.decoder(inputs_embeds=self.decoder.embed_tokens(torch.tensor([[token]], device=logits.device)),
+                    output = self.decoder(inputs_embeds=self.embed_tokens(torch.tensor([[token]], device=logits.device)),
                                           attention_mask=attention, position_ids=positions,
                                           past_key_values=output.past_key_values, use_cache=True)
                 reasons.append(self.tokenizer.decode(generated, skip_special_tokens=True).strip())
