@@ -13,7 +13,10 @@ with <= 5 training interactions). ``train_samples`` = samples AlignLLMRec traine
 the backbone's training samples).
 
     python benchmarks/align_llmrec.py --dataset=ml-100k
-    python benchmarks/align_llmrec.py --dataset=ml-1m --sample-budget=10000 --ablations=default
+    python benchmarks/align_llmrec.py --dataset=ml-1m --skip-sasrec --backbone-epochs=15 --sample-budget=5000 --ablations=default,trained
+    # finish a run that was cut short: rerun the missing settings on its backbone and merge its partial CSVs
+    python benchmarks/align_llmrec.py --dataset=ml-100k --ablations=lora --backbone-checkpoint=saved/AlignSASRec-<time>.pth \
+        --merge saved/bench_partial/align_llmrec_ml100k.csv saved/bench_partial/align_llmrec_ml100k_llm.csv
 """
 
 from __future__ import annotations
@@ -67,6 +70,10 @@ def main() -> None:
     parser.add_argument("--llm-epochs", type=int, default=None, help="epochs of AlignLLMRec (default: YAML)")
     parser.add_argument("--ablations", default=",".join(ABLATIONS), help="comma-separated AlignLLMRec settings")
     parser.add_argument("--skip-sasrec", action="store_true")
+    parser.add_argument("--backbone-checkpoint", default=None,
+                        help="reuse this AlignSASRec checkpoint (no SASRec/backbone runs; combine with --merge)")
+    parser.add_argument("--merge", nargs="*", default=[],
+                        help="long-form CSVs of earlier runs of this benchmark (e.g. one cut short) whose rows join the table")
     parser.add_argument("--name", default=None)
     parser.add_argument("--from-csv", action="store_true", help="only re-render the table from results/<name>.csv")
     args = parser.parse_args()
@@ -93,14 +100,23 @@ def main() -> None:
              f"{llm_overrides.get('train_sample_budget', defaults['train_sample_budget'])}) {llm_overrides or ''}, "
              "every setting on the same frozen backbone checkpoint; one process per run, 2 CPU threads.\n\n")
     partial = Path("saved") / "bench_partial"
-    first = [("AlignSASRec", "backbone", {"epochs": backbone_epochs})]
-    if not args.skip_sasrec:
-        first.insert(0, ("SASRec", "default", {"train_time_budget": args.baseline_budget}))
-    records = compare(first, args.dataset, config_dict=shared, output_dir=partial, name=name)
-    checkpoint = next(r for r in records if r["setting"] == "backbone")["cost"]["checkpoint"]
+    records = []
+    checkpoint = args.backbone_checkpoint
+    if checkpoint is None:
+        first = [("AlignSASRec", "backbone", {"epochs": backbone_epochs})]
+        if not args.skip_sasrec:
+            first.insert(0, ("SASRec", "default", {"train_time_budget": args.baseline_budget}))
+        records = compare(first, args.dataset, config_dict=shared, output_dir=partial, name=name)
+        checkpoint = next(r for r in records if r["setting"] == "backbone")["cost"]["checkpoint"]
     llm_runs = [("AlignLLMRec", setting, {**ABLATIONS[setting], **llm_overrides, "backbone_checkpoint": checkpoint})
                 for setting in args.ablations.split(",")]
     records += compare(llm_runs, args.dataset, config_dict=shared, output_dir=partial, name=f"{name}_llm")
+    if args.merge:
+        merged: dict[tuple[str, str], dict] = {}
+        for csv_path in args.merge:
+            merged.update({(r["model"], r["setting"]): r for r in report.records_from_csv(Path(csv_path))[1]})
+        merged.update({(r["model"], r["setting"]): r for r in records})
+        records = list(merged.values())
     report.write_comparison(records, args.dataset, RESULTS, name, preface=setup + summary(records))
     print((RESULTS / f"{name}.md").read_text())
 

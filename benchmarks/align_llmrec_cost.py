@@ -82,7 +82,8 @@ def measure(dataset: str, llm_layers: int | None, train_steps: int, eval_users: 
     backbone_sec = _timed(lambda: model.backbone.full_sort_predict(part), 3)
 
     micro = {key: value[:model.micro_batch] for key, value in part.items()}
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:  # its module hooks reject inference tensors
+    model.requires_grad_(False)  # training is measured; the flop counter's module hooks trip over grad-less parameters
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:  # and over inference tensors
         model._llm_states(micro[model.ITEM_SEQ], micro[model.ITEM_SEQ_LEN])
     llm_flops = counter.get_total_flops()
     with torch.inference_mode():
