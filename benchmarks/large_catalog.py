@@ -116,7 +116,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--items", default="10000,100000,1000000")
     parser.add_argument("--chunk", type=int, default=65536, help="eval_item_chunk")
-    parser.add_argument("--users", type=int, default=1024)
+    parser.add_argument("--users", type=int, default=4096, help="users scored per catalog size (more = steadier timing)")
     parser.add_argument("--batch", type=int, default=256, help="most users per full_sort_predict call")
     parser.add_argument("--score-budget", type=int, default=1 << 25,
                         help="most floats in one [users, items] score matrix (sets users per call)")
