@@ -103,7 +103,8 @@ class RunControlsMixin:
     def latest_state_file(self) -> Path:
         """``<checkpoint_dir>/latest/<model>-<dataset>-<config hash>.pth``: one per run config."""
         config = self.config
-        settings = {k: v for k, v in config.external_config_dict.items() if k not in ("resume_from_latest", "save_latest_state")}
+        settings = {k: v for k, v in config.external_config_dict.items()
+                    if k not in ("resume_from_latest", "save_latest_state", "local_rank")}  # one file for all ranks
         digest = hashlib.sha256(json.dumps({"model": config["model"], "dataset": config["dataset"], **settings},
                                            sort_keys=True, default=str).encode()).hexdigest()[:16]
         return Path(config["checkpoint_dir"]) / "latest" / f"{config['model']}-{config['dataset']}-{digest}.pth"
