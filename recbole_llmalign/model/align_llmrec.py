@@ -311,7 +311,7 @@ class AlignLLMRec(SequentialRecommender):
         """
         if self.task == "labeled":
             raise ValueError("AlignLLMRec with task: labeled scores (history, candidate) pairs: evaluate with "
-                             "eval_args mode: labeled (AUC, GAUC), or set task: ranking for full ranking.")
+                             "eval_args mode: labeled (metrics AUC, UAUC), or set task: ranking for full ranking.")
         item_seq, item_seq_len = interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN]
         order = torch.tensor(self.prompts.prompt_lengths(item_seq.cpu(), item_seq_len.cpu())).argsort(stable=True)
         order = order.to(item_seq.device)
