@@ -3,7 +3,8 @@
 Rows (``setting``): SASRec and GRU4Rec (RecBole defaults, prefix augmentation), AlignSASRec
 ``default`` (id+text items, both InfoNCE terms, all_positions training), ``id_only`` (plain
 SASRec items, no contrastive loss, all_positions: the anchor against RecBole's published SASRec),
-``no_contrastive``, ``text_only`` and, with --with-prefix, ``prefix`` (AlignSASRec trained with
+``no_contrastive``, ``text_only``, with --with-no-reviews ``no_reviews`` (metadata text only, reviews
+off) and, with --with-prefix, ``prefix`` (AlignSASRec trained with
 RecBole's prefix augmentation, for the training-mode comparison). The first AlignSASRec run
 encodes item text into a fresh cache (``text_sec`` = encoding time); later runs load it
 (``text_sec`` = cache-load time). Cold slice: test users whose item had <= 5 training interactions.
@@ -11,7 +12,7 @@ encodes item text into a fresh cache (``text_sec`` = encoding time); later runs 
     python benchmarks/align_sasrec.py --dataset=ml-1m --baseline-budget=1800 --align-budget=900
     python benchmarks/align_sasrec.py --dataset=amazon-games --baseline-budget=1800 --align-budget=900
     python benchmarks/align_sasrec.py --dataset=ml-100k --baseline-budget=600 --align-budget=300 --with-prefix
-    python benchmarks/align_sasrec.py --dataset=amazon-mi-reviews --baseline-budget=300 --align-budget=300 --with-prefix
+    python benchmarks/align_sasrec.py --dataset=amazon-mi-reviews --baseline-budget=90 --align-budget=90 --with-prefix --with-no-reviews
 """
 
 from __future__ import annotations
@@ -71,6 +72,8 @@ def main() -> None:
     parser.add_argument("--baseline-budget", type=float, default=1800, help="train_time_budget of SASRec/GRU4Rec/prefix runs, s")
     parser.add_argument("--align-budget", type=float, default=900, help="train_time_budget of all_positions runs, s")
     parser.add_argument("--with-prefix", action="store_true", help="also train AlignSASRec in prefix mode")
+    parser.add_argument("--with-no-reviews", action="store_true",
+                        help="also train AlignSASRec with review_field off (metadata only; for datasets with reviews)")
     parser.add_argument("--skip-baselines", action="store_true")
     parser.add_argument("--name", default=None)
     parser.add_argument("--from-csv", action="store_true",
@@ -85,7 +88,7 @@ def main() -> None:
     name = args.name or f"align_sasrec_{args.dataset.replace('-', '')}"
     setup = (f"Dataset {args.dataset}; embedding 64, MAX_ITEM_LIST_LENGTH 50, seed 2020, early stopping 10 on valid "
              f"NDCG@10; budgets: {args.baseline_budget:.0f} s (prefix-trained runs), {args.align_budget:.0f} s "
-             "(all_positions runs); one process per run, 2 CPU threads.\n\n")
+             f"(all_positions runs); one process per run, {os.environ.get('OMP_NUM_THREADS', '2')} CPU threads.\n\n")
     if args.from_csv:
         dataset, records = report.records_from_csv(RESULTS / f"{name}.csv")
         report.write_comparison(records, dataset, RESULTS, name,
@@ -100,6 +103,8 @@ def main() -> None:
     runs = [] if args.skip_baselines else [("SASRec", "default", {}), ("GRU4Rec", "default", {})]
     runs += [("AlignSASRec", setting, {**overrides, "train_time_budget": args.align_budget})
              for setting, overrides in ABLATIONS.items()]
+    if args.with_no_reviews:
+        runs.append(("AlignSASRec", "no_reviews", {"review_field": None, "train_time_budget": args.align_budget}))
     if args.with_prefix:
         runs.append(("AlignSASRec", "prefix", {"train_mode": "prefix"}))
     records = compare(runs, args.dataset, config_dict=shared, output_dir=RESULTS, name=name)
