@@ -3,7 +3,8 @@
     python run_recbole_llmalign.py --model=SASRec --dataset=ml-100k [--config_files="a.yaml b.yaml"] [--key=value ...]
     python run_recbole_llmalign.py --compare=SASRec,GRU4Rec,BERT4Rec,Pop --dataset=ml-100k [--key=value ...]
     python run_recbole_llmalign.py convert-amazon --reviews=r.csv [--metadata=m.json] --name=my-data [--output_dir=dataset]
-    python run_recbole_llmalign.py recommend --model_file=saved/<Model>-<time>.pth --user=<id> [--topk=10] [--explain]
+    python run_recbole_llmalign.py recommend --model_file=saved/<Model>-<time>.pth --user=<id> [--topk=10] [--explain] [--topk_cache=F]
+    python run_recbole_llmalign.py precompute --model_file=saved/<Model>-<time>.pth --output=saved/topk.pth [--topk=10]
 
 Any ``--key=value`` not listed here is a RecBole/plugin config override, exactly as in RecBole.
 """
@@ -48,6 +49,17 @@ def _recommend_parser() -> argparse.ArgumentParser:
     parser.add_argument("--user", required=True, help="external user id, as in the dataset's .inter file")
     parser.add_argument("--topk", type=int, default=10)
     parser.add_argument("--explain", action="store_true", help="one LLM-generated reason per item (AlignLLMRec)")
+    parser.add_argument("--topk_cache", default=None, help="read the top-K from a file written by `precompute` (no model run)")
+    return parser
+
+
+def _precompute_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="run_recbole_llmalign.py precompute",
+                                     description="Write every user's top-K from a saved checkpoint into one verified file.")
+    parser.add_argument("--model_file", required=True, help="checkpoint written by a run (saved/<Model>-<time>.pth)")
+    parser.add_argument("--output", required=True, help="top-K file to write (atomically)")
+    parser.add_argument("--topk", type=int, default=10)
+    parser.add_argument("--batch_size", type=int, default=64, help="users per beam search / scoring call")
     return parser
 
 
@@ -58,7 +70,20 @@ def main(argv: list[str] | None = None) -> int:
 
         args = _recommend_parser().parse_args(argv[1:])
         sys.argv = sys.argv[:1]  # RecBole's Config would read the subcommand's flags as config keys
-        print(recommend(args.model_file, args.user, args.topk, args.explain).render())
+        if args.topk_cache:
+            from recbole_llmalign.recommend import recommend_from_cache
+
+            print(recommend_from_cache(args.model_file, args.topk_cache, args.user, args.topk).render())
+        else:
+            print(recommend(args.model_file, args.user, args.topk, args.explain).render())
+        return 0
+    if argv and argv[0] == "precompute":
+        from recbole_llmalign.serving import precompute_topk
+
+        args = _precompute_parser().parse_args(argv[1:])
+        sys.argv = sys.argv[:1]
+        path = precompute_topk(args.model_file, args.output, args.topk, args.batch_size)
+        print(f"wrote {path}")
         return 0
     if argv and argv[0] == "convert-amazon":
         from recbole_llmalign.data import convert_amazon

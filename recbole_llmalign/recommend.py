@@ -1,6 +1,7 @@
 """Top-K recommendations for one user from a saved checkpoint, with titles, and LLM explanations.
 
     python run_recbole_llmalign.py recommend --model_file saved/AlignLLMRec-<time>.pth --user 196 --topk 10 [--explain]
+    python run_recbole_llmalign.py recommend --model_file saved/AlignGenRec-<time>.pth --user 196 --topk_cache saved/topk.pth
 
 Works for any RecBole or plugin model saved by a run (sequential models read the user's whole
 known history, time-ordered; general models score by user id). Items the user already has are
@@ -58,6 +59,41 @@ def user_history(dataset: Any, internal_user: int) -> torch.Tensor:
     return items
 
 
+def _internal_user(config: Any, dataset: Any, user: str) -> int:
+    uid_tokens = dataset.field2token_id[dataset.uid_field]
+    if str(user) not in uid_tokens:
+        examples = [t for t in list(uid_tokens)[1:4]]
+        raise ValueError(f"User '{user}' is not in {config['dataset']} (external ids look like {examples}); "
+                         "pass an id from the dataset's .inter file.")
+    return uid_tokens[str(user)]
+
+
+def recommend_from_cache(model_file: str, topk_cache: str, user: str, topk: int = 10, show_history: int = 5) -> Recommendation:
+    """Top-``topk`` from a pre-computed top-K file (``serving.precompute_topk``), without loading the model.
+
+    The cache is refused when it was built from another checkpoint or other data.
+    """
+    from recbole.data import create_dataset
+
+    from recbole_llmalign.compat import load_checkpoint
+    from recbole_llmalign.serving import TopKCache
+
+    config = load_checkpoint(model_file, map_location="cpu")["config"]
+    dataset = create_dataset(config)
+    dataset.build()  # RecBole turns its feature tables into tensors while building the splits
+    cache = TopKCache(topk_cache, model_file=model_file, dataset=dataset)
+    history = user_history(dataset, _internal_user(config, dataset, user))
+    rows = cache.lookup(str(user), topk)
+    titles = _titles(config, dataset)
+    token_ids = dataset.field2token_id[dataset.iid_field]
+    return Recommendation(
+        user=str(user), model=f"{config['model']} (cached top-{cache.topk})",
+        history=[titles[i] for i in history[-show_history:].tolist()],
+        items=[titles[token_ids[item]] for item, _ in rows], item_ids=[item for item, _ in rows],
+        scores=[score for _, score in rows],
+    )
+
+
 def recommend(model_file: str, user: str, topk: int = 10, explain: bool = False, show_history: int = 5,
               loaded: tuple | None = None) -> Recommendation:
     """Top-``topk`` items for external user id ``user`` from the checkpoint ``model_file``.
@@ -69,12 +105,7 @@ def recommend(model_file: str, user: str, topk: int = 10, explain: bool = False,
     from recbole_llmalign.quick_start import load_data_and_model
 
     config, model, dataset, _, _, _ = loaded or load_data_and_model(model_file)
-    uid_tokens = dataset.field2token_id[dataset.uid_field]
-    if str(user) not in uid_tokens:
-        examples = [t for t in list(uid_tokens)[1:4]]
-        raise ValueError(f"User '{user}' is not in {config['dataset']} (external ids look like {examples}); "
-                         "pass an id from the dataset's .inter file.")
-    internal_user = uid_tokens[str(user)]
+    internal_user = _internal_user(config, dataset, user)
     history = user_history(dataset, internal_user)
     if model.type == ModelType.SEQUENTIAL:
         window = history[-int(config["MAX_ITEM_LIST_LENGTH"]):]

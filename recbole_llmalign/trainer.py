@@ -228,7 +228,7 @@ class AlignLLMRecTrainer(RunControlsMixin, Trainer):
     def fit(self, train_data: Any, valid_data: Any = None, *args: Any, **kwargs: Any) -> Any:
         index = self.select_samples(train_data._dataset)
         self.training_samples = len(index)
-        self.logger.info(f"AlignLLMRec trains on {len(index)} of {len(train_data._dataset)} training samples.")
+        self.logger.info(f"{self.config['model']} trains on {len(index)} of {len(train_data._dataset)} training samples.")
         loader = subset_loader(self.config, train_data, index, int(self.config["train_batch_size"]))
         if valid_data is not None and self.config["validate_before_training"]:
             self._validate_start(valid_data, saved=kwargs.get("saved", args[1] if len(args) > 1 else True))
@@ -265,3 +265,7 @@ class AlignLLMRecTrainer(RunControlsMixin, Trainer):
         buckets = int(config["diversity_buckets"])
         return diversity_sample(lengths, targets, budget_rows, buckets, buckets, seed=int(config["seed"]),
                                 candidates=candidates)
+
+
+class AlignGenRecTrainer(AlignLLMRecTrainer):
+    """The same sample budget (diversity buckets, optional denoising) for the generative tasks."""

@@ -1,0 +1,376 @@
+"""AlignGenRec: an LLM that generates items as short code sequences, under a trie of valid codes.
+
+Follows "Semantic Convergence" (arXiv 2412.13771; behavioural-semantic item tokenisation aligned
+to the LLM, then mixed-task fine-tuning), with TIGER (residual codes, generative retrieval) and
+LC-Rec (sequential, alignment and query tasks over item indices) as references.
+
+1. Item tokenizer: every item's frozen AlignSASRec ID embedding joined with its fused text is
+   quantized by L residual codebooks aligned to the LLM's embedding of the item title
+   (``llm/codebook.py``); codes are unique and saved in the checkpoint (``item_codes``).
+2. The L x K code tokens are added to the tokenizer and get their own trainable embedding rows
+   (the LLM's vocabulary extended without copying or touching its frozen rows), initialised at
+   the LLM embedding centroid of the items carrying each code. The code rows also act as the
+   output head for codes (tied, as SmolLM2 ties its own), so the vocabulary head is only computed
+   for the few title tokens of the code -> title task.
+3. Training: LoRA plus the code rows on a YAML-weighted mixture of four tasks: sequential
+   (history codes -> next codes), text alignment (title -> codes, codes -> title), query (words of
+   the item's text -> codes), negatives (history and items the user skipped -> next codes).
+4. Inference: beam search where each step may only pick codes that continue a real item
+   (``CodeTrie``); ``full_sort_predict`` gives generated items their beam log-probability and
+   every other item ``generation_floor``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from recbole.model.abstract_recommender import SequentialRecommender
+from torch import nn
+
+from recbole_llmalign.data.item_text import item_texts
+from recbole_llmalign.llm.codebook import CodeTrie, fit_codebook
+from recbole_llmalign.llm.loader import load_causal_lm
+from recbole_llmalign.model.align_llmrec import load_backbone
+
+GENERATION_TASKS = ("sequential", "title_to_code", "code_to_title", "query", "negative")
+TEMPLATE_SLOTS = {
+    "sequential": ("{history}",),
+    "negative": ("{history}", "{negatives}"),
+    "title_to_code": ("{title}",),
+    "code_to_title": ("{codes}",),
+    "query": ("{query}",),
+}
+
+
+class AlignGenRec(SequentialRecommender):
+    """Codebook-tokenized generative recommender (see module docstring)."""
+
+    backbone_model = "AlignSASRec"  # trained and cached by quick_start when backbone_checkpoint is empty
+
+    def __init__(self, config: Any, dataset: Any) -> None:
+        super().__init__(config, dataset)
+        self.backbone = load_backbone(config["backbone_checkpoint"], dataset)
+        lora_r = int(config["lora_r"])
+        llm = load_causal_lm(config["llm_path"], cache_dir=config["llm_cache_dir"], dtype=config["llm_dtype"],
+                             llm_layers=config["llm_layers"], lora_r=lora_r, lora_alpha=int(config["lora_alpha"]),
+                             lora_target_modules=config["lora_target_modules"])
+        if llm.is_encoder_decoder:
+            raise ValueError(f"AlignGenRec decodes code tokens with a decoder-only LLM; {llm.source} is encoder-decoder.")
+        self.llm, self.tokenizer, self._lora = llm.model, llm.tokenizer, lora_r > 0
+        base = self.llm.get_base_model() if self._lora else self.llm
+        self.decoder, self.embed_tokens, self.lm_head = base.model, base.get_input_embeddings(), base.get_output_embeddings()
+        self.eos_id = self.tokenizer.eos_token_id
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        self.micro_batch = int(config["llm_micro_batch"])
+        self.beam_size = int(config["beam_size"])
+        largest_topk = max(config["topk"]) if config["topk"] else 0
+        if self.beam_size < largest_topk:
+            raise ValueError(f"beam_size {self.beam_size} is smaller than topk {largest_topk}: only beam_size items are "
+                             "generated per user. Raise beam_size to at least the largest topk.")
+        self.floor = float(config["generation_floor"])
+        self.history_items = int(config["prompt_history_items"])
+        self.negative_items = int(config["negative_items"])
+        self.query_words = int(config["query_words"])
+
+        # ---- item text: titles for the text tasks, other fields' words for queries ----
+        fields = list(config["item_text_fields"] or [])
+        self.titles = item_texts(dataset, fields[:1]) if fields else [""] * self.n_items
+        query_parts = [item_texts(dataset, [f]) for f in fields[1:]]
+        self.query_texts = [" ".join(part[i] for part in query_parts).split() or self.titles[i].split()
+                            for i in range(self.n_items)]
+        encode = self._encode
+        title_max = int(config["title_max_tokens"])
+        self.title_ids = [encode(" " + t)[:title_max] if t else [] for t in self.titles]
+
+        # ---- stage 1: the item tokenizer ----
+        result = self._fit_item_codes(config)
+        self.codebook_report = result.report
+        self.codes_per_level = result.codes_per_level
+        codes = torch.zeros(self.n_items, len(self.codes_per_level), dtype=torch.long)
+        codes[1:] = result.codes
+        self.register_buffer("item_codes", codes)
+        offsets = torch.tensor([0] + self.codes_per_level).cumsum(0)
+        self.level_offsets = offsets[:-1].tolist()
+        total_codes = int(offsets[-1])
+        strings = [f"<{chr(97 + level)}_{code}>" for level, k in enumerate(self.codes_per_level) for code in range(k)]
+        self.tokenizer.add_tokens(strings)
+        self.first_code_id = self.tokenizer.convert_tokens_to_ids(strings[0])
+        self.code_level = torch.cat([torch.full((k,), level) for level, k in enumerate(self.codes_per_level)])
+        self.code_embeddings = nn.Parameter(self._initial_code_rows(total_codes))
+        self._rebuild_lookup()
+
+        # ---- stage 2: task mixture ----
+        weights = dict(config["task_weights"] or {"sequential": 1.0})
+        unknown = set(weights) - set(GENERATION_TASKS)
+        if unknown:
+            raise ValueError(f"task_weights has unknown tasks {sorted(unknown)}; use {list(GENERATION_TASKS)}.")
+        self.task_names = [t for t in GENERATION_TASKS if float(weights.get(t, 0)) > 0]
+        if not self.task_names:
+            raise ValueError("task_weights gives no task a positive weight; set e.g. {sequential: 1.0}.")
+        self.task_probs = torch.tensor([float(weights[t]) for t in self.task_names])
+        self.templates = {task: self._compile(task, config[f"{task}_template"]) for task in GENERATION_TASKS}
+        self.separator = encode(config["item_separator"])
+
+    # ---- item tokenizer ----
+    def _encode(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def _title_embeddings(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean LLM input embedding of each item's title tokens [N, H], and which items have a title [N]."""
+        weight = self.embed_tokens.weight.detach()
+        rows = torch.zeros(self.n_items, weight.size(1))
+        has = torch.zeros(self.n_items, dtype=torch.bool)
+        for item, ids in enumerate(self.title_ids):
+            if ids and item > 0:
+                rows[item], has[item] = weight[ids].float().mean(0), True
+        return rows, has
+
+    def _fit_item_codes(self, config: Any) -> Any:
+        with torch.no_grad():
+            ids = self.backbone.item_embedding.weight.detach()
+            fused = self.backbone.fused_text()[0].detach() if self.backbone.uses_text else ids
+        vectors = torch.cat([F.normalize(ids, dim=-1), F.normalize(fused, dim=-1)], dim=1)[1:]
+        self._llm_title_rows, self._has_title = self._title_embeddings()
+        result = fit_codebook(
+            vectors, self._llm_title_rows[1:], self._has_title[1:], levels=int(config["codebook_levels"]),
+            codes_per_level=int(config["codebook_size"]), latent_dim=int(config["codebook_dim"]),
+            steps=int(config["codebook_steps"]), learning_rate=float(config["codebook_learning_rate"]),
+            commitment_weight=float(config["commitment_weight"]), llm_align_weight=float(config["codebook_llm_align_weight"]),
+            seed=int(config["seed"]), show_progress=bool(config["show_progress"]))
+        report = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in result.report.items())
+        self.logger.info(f"AlignGenRec item tokenizer: {report}")
+        return result
+
+    def _initial_code_rows(self, total_codes: int) -> torch.Tensor:
+        """Each code token starts at the mean LLM title embedding of the items that carry it."""
+        weight = self.embed_tokens.weight.detach().float()
+        mean, std = weight.mean(0), weight.std(0)
+        generator = torch.Generator().manual_seed(0)
+        rows = mean + 0.5 * std * torch.randn(total_codes, weight.size(1), generator=generator)
+        titled = self._has_title.clone()
+        titled[0] = False
+        for level, offset in enumerate(self.level_offsets):
+            codes = self.item_codes[titled, level]
+            if len(codes) == 0:
+                continue
+            sums = torch.zeros(self.codes_per_level[level], weight.size(1)).index_add_(0, codes, self._llm_title_rows[titled])
+            counts = torch.bincount(codes, minlength=self.codes_per_level[level]).unsqueeze(1)
+            used = counts.squeeze(1) > 0
+            rows[offset:offset + self.codes_per_level[level]][used] = sums[used] / counts[used]
+        return rows
+
+    def _rebuild_lookup(self) -> None:
+        self.trie = CodeTrie(self.item_codes[1:], torch.arange(1, self.n_items), self.codes_per_level)
+        self.item_token_ids = (self.item_codes + torch.tensor(self.level_offsets)).tolist()  # flat code index per level
+
+    def item_code_tokens(self, item: int) -> list[int]:
+        """Token ids of an item's code sequence (ids from the extended tokenizer)."""
+        return [self.first_code_id + c for c in self.item_token_ids[item]]
+
+    def code_string(self, item: int) -> str:
+        return "".join(self.tokenizer.convert_ids_to_tokens(self.item_code_tokens(item)))
+
+    # ---- prompts ----
+    def _compile(self, task: str, template: str) -> list[list[int] | str]:
+        """Template text tokenised once, split around its placeholders."""
+        if not template:
+            raise ValueError(f"{task}_template is empty.")
+        for slot in TEMPLATE_SLOTS[task]:
+            if slot not in template:
+                raise ValueError(f"{task}_template must contain {slot}; got {template!r}.")
+        pieces: list[list[int] | str] = []
+        for part in re.split(r"(\{[a-z]+\})", template):
+            if part in TEMPLATE_SLOTS[task]:
+                pieces.append(part)
+            elif part:
+                pieces.append(self._encode(part))
+        return pieces
+
+    def _render(self, task: str, values: dict[str, list[int]]) -> list[int]:
+        ids: list[int] = []
+        for piece in self.templates[task]:
+            ids += values[piece] if isinstance(piece, str) else piece
+        return ids
+
+    def _items_ids(self, items: Sequence[int]) -> list[int]:
+        ids: list[int] = []
+        for position, item in enumerate(items):
+            if position:
+                ids += self.separator
+            ids += self.item_code_tokens(item)
+        return ids
+
+    def _history(self, sequence: list[int], length: int) -> list[int]:
+        return self._items_ids(sequence[max(0, length - self.history_items):length])
+
+    def training_sample(self, task: str, sequence: list[int], length: int, target: int,
+                        generator: torch.Generator) -> tuple[list[int], list[int]]:
+        """(prompt ids, target ids) of one training row under ``task``."""
+        codes = self.item_code_tokens(target)
+        if task == "code_to_title" and self.title_ids[target]:
+            return self._render(task, {"{codes}": codes}), self.title_ids[target] + [self.eos_id]
+        if task == "title_to_code" and self.title_ids[target]:
+            return self._render(task, {"{title}": self.title_ids[target]}), codes
+        if task == "query" and self.query_texts[target]:
+            words = self.query_texts[target]
+            picks = torch.randperm(len(words), generator=generator)[:self.query_words].sort().values.tolist()
+            return self._render(task, {"{query}": self._encode(" " + " ".join(words[i] for i in picks))}), codes
+        history = self._history(sequence, length)
+        if task == "negative":
+            negatives = torch.randint(1, self.n_items, (self.negative_items,), generator=generator).tolist()
+            negatives = [n for n in negatives if n != target] or [1 + target % (self.n_items - 1)]
+            return self._render(task, {"{history}": history, "{negatives}": self._items_ids(negatives)}), codes
+        return self._render("sequential", {"{history}": history}), codes
+
+    def _pad(self, rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Left-padded ids [B, T] and attention mask [B, T]."""
+        width = max(len(r) for r in rows)
+        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros(len(rows), width, dtype=torch.long)
+        for i, row in enumerate(rows):
+            if row:
+                ids[i, width - len(row):] = torch.tensor(row)
+                mask[i, width - len(row):] = 1
+        return ids, mask
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """Input embeddings: the LLM's rows for its own tokens, the trainable code rows for code tokens."""
+        is_code = ids >= self.first_code_id
+        text = self.embed_tokens(torch.where(is_code, torch.zeros_like(ids), ids))
+        codes = self.code_embeddings[(ids - self.first_code_id).clamp(min=0)]
+        return torch.where(is_code.unsqueeze(-1), codes.to(text.dtype), text)
+
+    def _run(self, ids: torch.Tensor, mask: torch.Tensor, cache: Any = None) -> Any:
+        positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
+        return self.decoder(inputs_embeds=self.embed(ids), attention_mask=mask, position_ids=positions,
+                            past_key_values=cache, use_cache=cache is not None)
+
+    # ---- RecBole interface ----
+    def train(self, mode: bool = True) -> "AlignGenRec":
+        super().train(mode)
+        self.backbone.eval()
+        self.llm.eval()  # frozen base; LoRA dropout off too
+        return self
+
+    def calculate_loss(self, interaction: Any) -> torch.Tensor:
+        """Mean token cross-entropy of the targets of a batch whose rows each draw a task."""
+        sequences = interaction[self.ITEM_SEQ].tolist()
+        lengths = interaction[self.ITEM_SEQ_LEN].tolist()
+        targets = interaction[self.POS_ITEM_ID].tolist()
+        generator = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, (1,))))
+        tasks = torch.multinomial(self.task_probs, len(targets), replacement=True, generator=generator).tolist()
+        rows, labels = [], []
+        for row, task in enumerate(tasks):
+            prompt, target = self.training_sample(self.task_names[task], sequences[row], lengths[row], targets[row], generator)
+            rows.append(prompt + target)
+            labels.append([-100] * (len(prompt) - 1) + target + [-100])  # label at position p = token p + 1
+        ids, mask = self._pad(rows)
+        label_ids, _ = self._pad(labels)
+        label_ids[mask == 0] = -100
+        device = self.code_embeddings.device
+        hidden = self._run(ids.to(device), mask.to(device)).last_hidden_state
+        picked = label_ids.to(device) != -100
+        states, gold = hidden[picked], label_ids.to(device)[picked]
+        is_code = gold >= self.first_code_id
+        loss = hidden.new_zeros(())
+        if is_code.any():
+            code_gold = gold[is_code] - self.first_code_id
+            logits = states[is_code] @ self.code_embeddings.T  # every code row, then keep the gold's level
+            level = self.code_level.to(device)
+            logits = logits.masked_fill(level.unsqueeze(0) != level[code_gold].unsqueeze(1), float("-inf"))
+            loss = loss + F.cross_entropy(logits, code_gold, reduction="sum")
+        if (~is_code).any():
+            loss = loss + F.cross_entropy(self.lm_head(states[~is_code]), gold[~is_code], reduction="sum")
+        return loss / max(int(picked.sum()), 1)
+
+    @torch.inference_mode()
+    def generate(self, item_seq: torch.Tensor, item_seq_len: torch.Tensor, beam_size: int | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Trie-constrained beam search: (item ids [B, W], log-probabilities [B, W]); -1 / -inf where no item."""
+        from transformers import DynamicCache
+
+        width = beam_size or self.beam_size
+        device = self.code_embeddings.device
+        prompts = [self._render("sequential", {"{history}": self._history(s, n)})
+                   for s, n in zip(item_seq.tolist(), item_seq_len.tolist())]
+        ids, mask = self._pad(prompts)
+        ids, mask = ids.to(device), mask.to(device)
+        batch = ids.size(0)
+        cache = DynamicCache(config=self.decoder.config)
+        state = self._run(ids, mask, cache).last_hidden_state[:, -1]
+        positions = (mask.sum(1, keepdim=True) - 1)
+        prefix = torch.zeros(batch, 0, dtype=torch.long)
+        scores = torch.zeros(batch, 1, device=device)
+        for level, offset in enumerate(self.level_offsets):
+            if level > 0:  # feed the code just chosen by each beam
+                mask = torch.cat([mask, mask.new_ones(mask.size(0), 1)], dim=1)
+                positions = positions + 1
+                tokens = self.code_embeddings[self.level_offsets[level - 1] + prefix[:, -1].to(device)]
+                state = self.decoder(inputs_embeds=tokens.unsqueeze(1), attention_mask=mask, position_ids=positions,
+                                     past_key_values=cache, use_cache=True).last_hidden_state[:, -1]
+            k = self.codes_per_level[level]
+            logits = state.float() @ self.code_embeddings[offset:offset + k].T.float()
+            allowed = self.trie.allowed(prefix).to(device)
+            log_probs = torch.log_softmax(logits.masked_fill(~allowed, float("-inf")), dim=-1)
+            log_probs = torch.where(allowed, log_probs, torch.full_like(log_probs, float("-inf")))
+            beams = scores.size(1)
+            total = (scores.reshape(-1, 1) + log_probs).view(batch, beams * k)
+            keep = min(width, beams * k)
+            scores, index = total.topk(keep, dim=1)
+            parent = (torch.arange(batch, device=device).unsqueeze(1) * beams + index // k).view(-1)
+            prefix = torch.cat([prefix[parent.cpu()], (index % k).view(-1, 1).cpu()], dim=1)
+            cache.batch_select_indices(parent)
+            mask, positions = mask[parent], positions[parent]
+        items = self.trie.items(prefix).view(batch, -1).to(device)
+        items = torch.where(torch.isfinite(scores), items, torch.full_like(items, -1))
+        return items, scores
+
+    def full_sort_predict(self, interaction: Any) -> torch.Tensor:
+        """Beam log-probabilities for the generated items, ``generation_floor`` for the rest [B, N]."""
+        item_seq, item_seq_len = interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN]
+        scores = torch.full((item_seq.size(0), self.n_items), self.floor, device=item_seq.device)
+        for start in range(0, item_seq.size(0), self.micro_batch):
+            rows = slice(start, start + self.micro_batch)
+            items, beam_scores = self.generate(item_seq[rows], item_seq_len[rows])
+            found = items >= 0
+            block = scores[rows]
+            block.scatter_(1, items.clamp(min=0), torch.where(found, beam_scores, torch.full_like(beam_scores, self.floor)))
+            block[:, 0] = self.floor
+        return scores.clone()
+
+    def predict(self, interaction: Any) -> torch.Tensor:
+        scores = self.full_sort_predict(interaction)
+        return scores.gather(1, interaction[self.ITEM_ID].unsqueeze(1)).squeeze(1)
+
+    # ---- checkpoints: trainable parameters and the item codes ----
+    def kept_names(self) -> set[str]:
+        return {name for name, p in self.named_parameters() if p.requires_grad} | {"item_codes"}
+
+    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
+        keep = self.kept_names()
+        return {k: v for k, v in super().state_dict(*args, **kwargs).items() if k in keep}
+
+    def load_state_dict(self, state_dict: dict[str, torch.Tensor], strict: bool = True, assign: bool = False) -> Any:
+        missing, unexpected = self.kept_names() - set(state_dict), set(state_dict) - self.kept_names()
+        if strict and (missing or unexpected):
+            raise RuntimeError(f"AlignGenRec checkpoint does not match this config: missing {sorted(missing)[:5]}, "
+                               f"unexpected {sorted(unexpected)[:5]}. Was it saved with other codebook/LoRA settings?")
+        codes = state_dict.get("item_codes")
+        if codes is not None and codes.shape != self.item_codes.shape:
+            raise RuntimeError(f"AlignGenRec checkpoint has item codes of shape {tuple(codes.shape)}, this config builds "
+                               f"{tuple(self.item_codes.shape)}: set codebook_levels/codebook_size as when it was trained.")
+        result = super().load_state_dict(state_dict, strict=False, assign=assign)
+        self._rebuild_lookup()
+        return result
+
+    def checksum(self) -> str:
+        """SHA-256 of the saved state (trainable weights and item codes): the key of cached top-K files."""
+        digest = hashlib.sha256()
+        for name, tensor in sorted(self.state_dict().items()):
+            digest.update(name.encode())
+            digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+        return digest.hexdigest()

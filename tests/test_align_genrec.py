@@ -1,0 +1,172 @@
+"""AlignGenRec: unique item codes, the trie, task prompts, learning a fixed next item, checkpoints, top-K cache."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import recbole_llmalign  # noqa: F401
+from recbole_llmalign.llm.codebook import CodeTrie, collision_rate, fit_codebook, resolve_collisions
+from tests.conftest import cyclic_config
+
+ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def test_codebook_codes_are_unique_and_report_collisions():
+    torch.manual_seed(0)
+    centers = torch.randn(6, 16)
+    vectors = centers.repeat_interleave(20, dim=0) + 0.01 * torch.randn(120, 16)  # 6 tight clusters of 20
+    result = fit_codebook(vectors, None, None, levels=2, codes_per_level=8, latent_dim=8, steps=50, show_progress=False)
+    assert result.codes.shape[0] == 120
+    assert collision_rate(result.codes) == 0.0 and result.report["collision_rate_after"] == 0.0
+    assert result.report["collision_rate_before"] > 0  # 8 x 8 codes for near-duplicate items must collide first
+    for level in range(result.codes.size(1)):
+        assert result.codes[:, level].max() < result.codes_per_level[level]
+    assert 0 < result.report["level0_usage"] <= 1 and result.report["reconstruction_mse"] >= 0
+
+
+def test_resolution_uses_distinct_last_codes_before_adding_a_level():
+    codes = torch.tensor([[1, 2], [1, 2], [1, 2], [0, 0]])
+    residual, book = torch.randn(4, 3), torch.randn(4, 3)
+    unique, per_level, moved = resolve_collisions(codes, residual, book)
+    assert unique.shape == (4, 2) and per_level == [4, 4] and moved >= 2  # a group of 3 fits into 4 last-level codes
+    assert collision_rate(unique) == 0 and (unique[:, 0] == codes[:, 0]).all()
+    crowded = torch.zeros(6, 2, dtype=torch.long)  # 6 items, one group, only 4 last-level codes
+    unique, per_level, _ = resolve_collisions(crowded, torch.randn(6, 3), torch.randn(4, 3))
+    assert unique.shape == (6, 3) and per_level[:2] == [4, 4] and collision_rate(unique) == 0
+
+
+def test_trie_allows_only_prefixes_of_real_items():
+    codes = torch.tensor([[0, 1, 2], [0, 1, 3], [2, 0, 0], [3, 3, 1]])
+    trie = CodeTrie(codes, torch.tensor([10, 11, 12, 13]), [4, 4, 4])
+    assert trie.allowed(torch.zeros(1, 0, dtype=torch.long))[0].tolist() == [True, False, True, True]
+    assert trie.allowed(torch.tensor([[0, 1], [2, 0], [1, 1]])).tolist() == [
+        [False, False, True, True], [True, False, False, False], [False, False, False, False]]
+    assert trie.items(torch.tensor([[0, 1, 3], [3, 3, 1], [0, 1, 0]])).tolist() == [11, 13, -1]
+    # exhaustive walk: every path the trie allows ends at an item
+    for a in trie.allowed(torch.zeros(1, 0, dtype=torch.long))[0].nonzero().flatten().tolist():
+        for b in trie.allowed(torch.tensor([[a]]))[0].nonzero().flatten().tolist():
+            for c in trie.allowed(torch.tensor([[a, b]]))[0].nonzero().flatten().tolist():
+                assert trie.items(torch.tensor([[a, b, c]])).item() >= 10
+    with pytest.raises(ValueError, match="not unique"):
+        CodeTrie(torch.tensor([[0, 1], [0, 1]]), torch.tensor([1, 2]), [2, 2])
+
+
+def _config(trained_backbone, tiny_llama_dir, **overrides):
+    data_path, name, checkpoint = trained_backbone
+    settings = dict(item_text_fields=["title", "genre"], backbone_checkpoint=checkpoint, llm_path=str(tiny_llama_dir),
+                    llm_layers=2, codebook_levels=3, codebook_size=4, train_batch_size=32, beam_size=10, topk=[1, 5],
+                    metrics=["Hit", "NDCG"], valid_metric="Hit@1", lora_target_modules=ALL_LINEAR, train_sample_budget=1.0,
+                    learning_rate=0.003)
+    settings.update(overrides)
+    return name, cyclic_config(data_path, **settings)
+
+
+def _build(trained_backbone, tiny_llama_dir, **overrides):
+    from recbole.data import create_dataset, data_preparation
+
+    from recbole_llmalign.config import Config
+    from recbole_llmalign.utils import get_model
+
+    name, settings = _config(trained_backbone, tiny_llama_dir, **overrides)
+    config = Config(model="AlignGenRec", dataset=name, config_dict=settings)
+    data = data_preparation(config, create_dataset(config))
+    return config, get_model("AlignGenRec")(config, data[0]._dataset), data
+
+
+def test_task_prompts_carry_codes_titles_and_negatives(trained_backbone, tiny_llama_dir):
+    _, model, _ = _build(trained_backbone, tiny_llama_dir)
+    generator = torch.Generator().manual_seed(0)
+    sequence, target = [3, 4, 5, 0], 6
+    prompt, answer = model.training_sample("sequential", sequence, 3, target, generator)
+    assert answer == model.item_code_tokens(target)
+    history = [t for item in (3, 4, 5) for t in model.item_code_tokens(item)]
+    assert all(token in prompt for token in history)
+    assert all(t >= model.first_code_id for t in answer) and len(answer) == model.item_codes.size(1)
+    prompt, answer = model.training_sample("code_to_title", sequence, 3, target, generator)
+    assert answer[:-1] == model.title_ids[target] and answer[-1] == model.eos_id
+    assert model.item_code_tokens(target)[0] in prompt
+    prompt, answer = model.training_sample("title_to_code", sequence, 3, target, generator)
+    assert model.title_ids[target][0] in prompt and answer == model.item_code_tokens(target)
+    prompt, _ = model.training_sample("negative", sequence, 3, target, generator)
+    assert len([t for t in prompt if t >= model.first_code_id]) == (3 + model.negative_items) * model.item_codes.size(1)
+    # every code token renders as one added tokenizer token
+    assert model.tokenizer.convert_tokens_to_ids(model.code_string(target)[:5]) >= model.first_code_id
+
+
+def test_generation_only_yields_real_items_and_learns_a_fixed_next_item(trained_backbone, tiny_llama_dir):
+    from recbole_llmalign.quick_start import run_with_cost
+
+    name, settings = _config(trained_backbone, tiny_llama_dir, epochs=10, task_weights={"sequential": 1.0})
+    result, cost = run_with_cost("AlignGenRec", name, config_dict=settings)
+    # cyclic fixture: the next item is always the last one + 1; chance HR@1 is 1/30
+    assert result["test_result"]["hit@1"] >= 0.9, result["test_result"]
+
+    from recbole_llmalign.quick_start import load_data_and_model
+
+    config, model, dataset, _, _, test = load_data_and_model(cost.checkpoint)
+    batch = next(iter(test))[0]
+    items, scores = model.generate(batch[model.ITEM_SEQ], batch[model.ITEM_SEQ_LEN])
+    assert ((items >= 1) & (items < dataset.item_num)).all()  # 30 items fill 10 beams: no empty beam
+    assert (scores[:, :-1] >= scores[:, 1:]).all()  # best first
+    codes = model.item_codes[items.flatten()]
+    assert len(torch.unique(codes, dim=0)) == len(torch.unique(items.flatten()))
+    full = model.full_sort_predict(batch)
+    assert (full > model.floor).sum(1).eq(items.size(1)).all()
+
+
+def test_checkpoint_holds_trainables_and_codes_and_refuses_other_codebooks(trained_backbone, tiny_llama_dir, tmp_path):
+    _, model, _ = _build(trained_backbone, tiny_llama_dir)
+    state = model.state_dict()
+    assert "item_codes" in state and "code_embeddings" in state
+    assert not any(k.startswith("backbone.") for k in state)
+    assert not any("lora" not in k for k in state if k.startswith("llm."))  # no frozen LLM weight
+    torch.save(state, tmp_path / "genrec.pth")
+    assert (tmp_path / "genrec.pth").stat().st_size < 2_000_000
+    _, other, _ = _build(trained_backbone, tiny_llama_dir, codebook_levels=2)
+    with pytest.raises(RuntimeError, match="codebook"):
+        other.load_state_dict(state)
+
+
+def test_bad_settings_are_refused(trained_backbone, tiny_llama_dir):
+    with pytest.raises(ValueError, match="beam_size"):
+        _build(trained_backbone, tiny_llama_dir, beam_size=3, topk=[5])
+    with pytest.raises(ValueError, match="unknown tasks"):
+        _build(trained_backbone, tiny_llama_dir, task_weights={"sequentail": 1.0})
+    with pytest.raises(ValueError, match="must contain"):
+        _build(trained_backbone, tiny_llama_dir, sequential_template="no slot here")
+
+
+def test_topk_cache_round_trip_and_stale_cache_refused(trained_backbone, tiny_llama_dir, tmp_path):
+    from recbole_llmalign.quick_start import load_data_and_model, run_with_cost
+    from recbole_llmalign.recommend import recommend_from_cache
+    from recbole_llmalign.serving import TopKCache, precompute_topk
+
+    name, settings = _config(trained_backbone, tiny_llama_dir, epochs=1)
+    _, cost = run_with_cost("AlignGenRec", name, config_dict=settings)
+    loaded = load_data_and_model(cost.checkpoint)
+    dataset = loaded[2]
+    path = precompute_topk(cost.checkpoint, tmp_path / "topk.pth", topk=5, loaded=loaded, show_progress=False)
+    cache = TopKCache(path, model_file=cost.checkpoint, dataset=dataset)
+    assert len(cache) == dataset.user_num - 1
+    row = cache.lookup("u1")
+    assert len(row) == 5 and all(item in dataset.field2token_id["item_id"] for item, _ in row)
+    assert [s for _, s in row] == sorted((s for _, s in row), reverse=True)
+    shown = recommend_from_cache(cost.checkpoint, str(path), "u1", topk=3)
+    assert shown.item_ids == [item for item, _ in row[:3]]
+
+    other = tmp_path / "other.pth"  # another checkpoint: same model class, different weights
+    checkpoint = torch.load(cost.checkpoint, weights_only=False)
+    checkpoint["state_dict"]["code_embeddings"] = checkpoint["state_dict"]["code_embeddings"] + 1
+    torch.save(checkpoint, other)
+    with pytest.raises(ValueError, match="stale"):
+        TopKCache(path, model_file=other)
+    broken = tmp_path / "broken.pth"
+    broken.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(ValueError, match="unreadable|corrupt"):
+        TopKCache(broken)
+    with pytest.raises(KeyError, match="no cached top-K"):
+        cache.lookup("nobody")
+    assert not list(Path(tmp_path).glob("*.tmp"))
