@@ -120,7 +120,8 @@ def run_with_cost(
         peak_mem_mb=peak_memory_mb(config["device"]),
         checkpoint=trainer.saved_model_file if has_best_checkpoint else "",
         extra={"text_sec": float(getattr(model_obj, "text_seconds", 0.0)),
-               "train_samples": float(getattr(trainer, "training_samples", len(train_data._dataset)))},
+               "train_samples": float(getattr(trainer, "training_samples", len(train_data._dataset))),
+               **{k: float(v) for k, v in getattr(model_obj, "cost_report", {}).items()}},
     )
     if not config["single_spec"]:
         torch.distributed.destroy_process_group()

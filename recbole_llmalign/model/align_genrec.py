@@ -89,6 +89,7 @@ class AlignGenRec(SequentialRecommender):
         # ---- stage 1: the item tokenizer ----
         result = self._fit_item_codes(config)
         self.codebook_report = result.report
+        self.cost_report = {f"tokenizer_{k}": float(v) for k, v in result.report.items()}  # benchmark CSV rows
         self.codes_per_level = result.codes_per_level
         codes = torch.zeros(self.n_items, len(self.codes_per_level), dtype=torch.long)
         codes[1:] = result.codes

@@ -1,0 +1,183 @@
+"""AlignGenRec vs SASRec vs AlignSASRec on one split, with tokenizer report, beam-search and cache-lookup cost.
+
+Rows (``setting``): SASRec (RecBole defaults, prefix augmentation, time budget), AlignSASRec
+``default`` (all_positions), AlignGenRec ``default`` and its ablations ``no_llm_align`` (item
+tokenizer without the loss that aligns codes to the LLM's title embeddings) and ``levels3``
+(L = 3 instead of 4). Metrics: HR@5, NDCG@5, HR@10, NDCG@10 (full ranking; generated items get
+their beam log-probability, the rest a floor). Users may be subsampled (``--users``) so the LLM's
+training and per-user beam search fit a CPU budget; every model sees the same subsample and split.
+
+After the runs, the default AlignGenRec checkpoint writes every user's top-10 to a verified cache
+file and 10,000 random lookups are timed (p50/p99).
+
+    python benchmarks/align_genrec.py --dataset=amazon-games --users=2000
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+ABLATIONS = {
+    "default": {},
+    "no_llm_align": {"codebook_llm_align_weight": 0.0},
+    "levels3": {"codebook_levels": 3},
+}
+
+DATASETS = {  # source folder under the shared data, and the settings its plugin YAML would give
+    "amazon-games": {"load_col": {"inter": ["user_id", "item_id", "timestamp"], "item": ["item_id", "title"]},
+                     "item_text_fields": ["title"]},
+}
+
+
+def subsample_users(dataset: str, users: int, seed: int, target_root: Path) -> str:
+    """Copy ``users`` random users (all their interactions) of a shared dataset into ``target_root``; returns the name."""
+    from recbole_llmalign.data.datasets import shared_data_dir
+
+    source = shared_data_dir() / dataset
+    name = f"{dataset}-u{users}"
+    folder = target_root / name
+    inter_lines = (source / f"{dataset}.inter").read_text(encoding="utf-8").splitlines()
+    header, rows = inter_lines[0], inter_lines[1:]
+    all_users = sorted({row.split("\t", 1)[0] for row in rows})
+    keep = set(random.Random(seed).sample(all_users, min(users, len(all_users))))
+    kept_rows = [row for row in rows if row.split("\t", 1)[0] in keep]
+    items = {row.split("\t")[1] for row in kept_rows}
+    item_lines = (source / f"{dataset}.item").read_text(encoding="utf-8").splitlines()
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{name}.inter").write_text("\n".join([header] + kept_rows) + "\n", encoding="utf-8")
+    (folder / f"{name}.item").write_text(
+        "\n".join([item_lines[0]] + [line for line in item_lines[1:] if line.split("\t", 1)[0] in items]) + "\n", encoding="utf-8")
+    return name
+
+
+def lookup_latency(model_file: str, cache_path: Path, topk: int) -> dict[str, float]:
+    """Build the top-K cache, then time 10,000 random user lookups (microseconds are reported in ms)."""
+    import numpy as np
+
+    from recbole_llmalign.quick_start import load_data_and_model
+    from recbole_llmalign.serving import TopKCache, precompute_topk
+
+    loaded = load_data_and_model(model_file)
+    start = time.perf_counter()
+    precompute_topk(model_file, cache_path, topk=topk, loaded=loaded)
+    build_sec = time.perf_counter() - start
+    start = time.perf_counter()
+    cache = TopKCache(cache_path, model_file=model_file, dataset=loaded[2])
+    open_sec = time.perf_counter() - start
+    users = list(cache._rows)
+    rng = random.Random(0)
+    timings = []
+    for _ in range(10_000):
+        user = rng.choice(users)
+        tick = time.perf_counter()
+        cache.lookup(user)
+        timings.append(time.perf_counter() - tick)
+    timings_ms = np.array(timings) * 1000
+    return {"cache_build_sec": build_sec, "cache_open_sec": open_sec, "cache_users": float(len(cache)),
+            "lookup_p50_ms": float(np.percentile(timings_ms, 50)), "lookup_p99_ms": float(np.percentile(timings_ms, 99))}
+
+
+def summary(records: list[dict], serving: dict[str, float] | None) -> str:
+    by = {(r["model"], r.get("setting", "default")): r for r in records}
+    lines = []
+    sasrec, gen = by.get(("SASRec", "default")), by.get(("AlignGenRec", "default"))
+    if sasrec and gen:
+        s, g = sasrec["result"]["test_result"], gen["result"]["test_result"]
+        lines.append(f"- HR@5 AlignGenRec / SASRec: {g['hit@5']:.4f} / {s['hit@5']:.4f} = {g['hit@5'] / max(s['hit@5'], 1e-9):.2f}x (goal >= 1.00x)")
+    for (model, setting), record in by.items():
+        if model != "AlignGenRec":
+            continue
+        extra = record["cost"].get("extra", {})
+        users = extra.get("eval_users", 0)
+        if users and record["cost"].get("eval_sec"):
+            lines.append(f"- AlignGenRec {setting}: beam search {users / record['cost']['eval_sec']:.1f} users/s in the test "
+                         f"evaluation; training {extra.get('train_samples', 0) / max(record['cost']['sec_per_epoch'], 1e-9):.1f} samples/s")
+    if serving:
+        lines.append(f"- cached top-10: built for {serving['cache_users']:.0f} users in {serving['cache_build_sec']:.0f} s; "
+                     f"lookup p50 {serving['lookup_p50_ms'] * 1000:.1f} us, p99 {serving['lookup_p99_ms'] * 1000:.1f} us "
+                     f"over 10,000 lookups (goal p99 < 1 ms)")
+    return "\n".join(lines) + "\n\n"
+
+
+def tokenizer_table(records: list[dict]) -> str:
+    rows = [r for r in records if r["model"] == "AlignGenRec"]
+    if not rows:
+        return ""
+    keys = [("reconstruction_mse", "recon. MSE"), ("collision_rate_before", "collisions before"),
+            ("collision_rate_after", "collisions after"), ("reassigned_items", "items reassigned"),
+            ("disambiguation_level", "extra level")]
+    levels = max(int(r["cost"]["extra"].get("tokenizer_levels", 0)) for r in rows)
+    header = ["setting"] + [label for _, label in keys] + [f"L{level} usage / perplexity" for level in range(levels)]
+    lines = ["Item tokenizer (AlignGenRec runs):", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for record in rows:
+        extra = record["cost"]["extra"]
+        cells = [record["setting"]] + [f"{extra.get('tokenizer_' + key, float('nan')):.4g}" for key, _ in keys]
+        for level in range(levels):
+            usage = extra.get(f"tokenizer_level{level}_usage")
+            cells.append("-" if usage is None else f"{usage:.2f} / {extra[f'tokenizer_level{level}_perplexity']:.1f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset", default="amazon-games", choices=sorted(DATASETS))
+    parser.add_argument("--users", type=int, default=2000, help="random users kept (0 = all)")
+    parser.add_argument("--llm-layers", type=int, default=4)
+    parser.add_argument("--epochs", type=int, default=2, help="AlignGenRec epochs (validated once, after the last)")
+    parser.add_argument("--budget", type=float, default=1.0, help="AlignGenRec train_sample_budget")
+    parser.add_argument("--history", type=int, default=5, help="AlignGenRec prompt_history_items")
+    parser.add_argument("--baseline-budget", type=float, default=600, help="train_time_budget of SASRec, s")
+    parser.add_argument("--align-budget", type=float, default=300, help="train_time_budget of AlignSASRec, s")
+    parser.add_argument("--ablations", default=",".join(ABLATIONS))
+    parser.add_argument("--skip-baselines", action="store_true")
+    parser.add_argument("--name", default=None)
+    args = parser.parse_args()
+
+    from recbole_llmalign import report
+    from recbole_llmalign.quick_start import compare
+
+    data_root = Path("dataset")
+    name = subsample_users(args.dataset, args.users, 2020, data_root) if args.users else args.dataset
+    table = args.name or f"align_genrec_{args.dataset.replace('-', '')}"
+    shared = {"data_path": str(data_root), **DATASETS[args.dataset], "seed": 2020, "epochs": 300, "show_progress": False,
+              "eval_args": {"split": {"LS": "valid_and_test"}, "order": "TO", "group_by": "user", "mode": "full"},
+              "metrics": ["Hit", "NDCG"], "topk": [5, 10], "valid_metric": "NDCG@10", "stopping_step": 10,
+              "MAX_ITEM_LIST_LENGTH": 50, "train_time_budget": args.baseline_budget}
+    runs = [] if args.skip_baselines else [("SASRec", "default", {}),
+                                           ("AlignSASRec", "default", {"train_time_budget": args.align_budget})]
+    generative = {"llm_layers": args.llm_layers, "epochs": args.epochs, "eval_step": args.epochs,
+                  "train_sample_budget": args.budget, "prompt_history_items": args.history, "train_time_budget": None,
+                  "backbone_epochs": 300}
+    runs += [("AlignGenRec", setting, {**generative, **ABLATIONS[setting]}) for setting in args.ablations.split(",") if setting]
+    records = compare(runs, name, config_dict=shared, output_dir=RESULTS, name=table)
+    for record in records:  # users scored in the test evaluation (one per user under leave-one-out)
+        record["cost"].setdefault("extra", {})["eval_users"] = float(records_users(name, data_root))
+    serving = None
+    default = next((r for r in records if r["model"] == "AlignGenRec" and r["setting"] == "default"), None)
+    if default and default["cost"].get("checkpoint"):
+        serving = lookup_latency(default["cost"]["checkpoint"], Path("saved") / f"topk-{name}.pth", 10)
+        default["cost"]["extra"].update(serving)
+    setup = (f"Dataset {name} ({args.users or 'all'} random users of {args.dataset}, all their interactions); leave-one-out, "
+             f"full ranking; seed 2020; embedding 64, MAX_ITEM_LIST_LENGTH 50. SASRec: {args.baseline_budget:.0f} s budget; "
+             f"AlignSASRec: all_positions, {args.align_budget:.0f} s budget; AlignGenRec: SmolLM2-135M first {args.llm_layers} "
+             f"layers, LoRA r=8 + code rows, {args.epochs} epochs over a sample budget of {args.budget}, last "
+             f"{args.history} items in the prompt, beam 20; {os.environ.get('OMP_NUM_THREADS', '2')} CPU threads.\n\n")
+    report.write_comparison(records, name, RESULTS, table, preface=setup + summary(records, serving) + tokenizer_table(records))
+    print((RESULTS / f"{table}.md").read_text())
+
+
+def records_users(name: str, root: Path) -> int:
+    lines = (root / name / f"{name}.inter").read_text(encoding="utf-8").splitlines()[1:]
+    return len({line.split("\t", 1)[0] for line in lines})
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("OMP_NUM_THREADS", "2")
+    main()
