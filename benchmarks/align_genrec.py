@@ -29,31 +29,10 @@ ABLATIONS = {
     "levels3": {"codebook_levels": 3},
 }
 
-DATASETS = {  # source folder under the shared data, and the settings its plugin YAML would give
+DATASETS = {  # datasets under the shared data folder, and the settings their plugin YAML would give
     "amazon-games": {"load_col": {"inter": ["user_id", "item_id", "timestamp"], "item": ["item_id", "title"]},
                      "item_text_fields": ["title"]},
 }
-
-
-def subsample_users(dataset: str, users: int, seed: int, target_root: Path) -> str:
-    """Copy ``users`` random users (all their interactions) of a shared dataset into ``target_root``; returns the name."""
-    from recbole_llmalign.data.datasets import shared_data_dir
-
-    source = shared_data_dir() / dataset
-    name = f"{dataset}-u{users}"
-    folder = target_root / name
-    inter_lines = (source / f"{dataset}.inter").read_text(encoding="utf-8").splitlines()
-    header, rows = inter_lines[0], inter_lines[1:]
-    all_users = sorted({row.split("\t", 1)[0] for row in rows})
-    keep = set(random.Random(seed).sample(all_users, min(users, len(all_users))))
-    kept_rows = [row for row in rows if row.split("\t", 1)[0] in keep]
-    items = {row.split("\t")[1] for row in kept_rows}
-    item_lines = (source / f"{dataset}.item").read_text(encoding="utf-8").splitlines()
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / f"{name}.inter").write_text("\n".join([header] + kept_rows) + "\n", encoding="utf-8")
-    (folder / f"{name}.item").write_text(
-        "\n".join([item_lines[0]] + [line for line in item_lines[1:] if line.split("\t", 1)[0] in items]) + "\n", encoding="utf-8")
-    return name
 
 
 def lookup_latency(model_file: str, cache_path: Path, topk: int) -> dict[str, float]:
@@ -140,11 +119,15 @@ def main() -> None:
     parser.add_argument("--name", default=None)
     args = parser.parse_args()
 
+    from subsample import subsample_users, user_count
+
     from recbole_llmalign import report
+    from recbole_llmalign.data.datasets import shared_data_dir
     from recbole_llmalign.quick_start import compare
 
     data_root = Path("dataset")
-    name = subsample_users(args.dataset, args.users, 2020, data_root) if args.users else args.dataset
+    name = (subsample_users(shared_data_dir() / args.dataset, args.dataset, args.users, 2020, data_root)
+            if args.users else args.dataset)
     table = args.name or f"align_genrec_{args.dataset.replace('-', '')}"
     shared = {"data_path": str(data_root), **DATASETS[args.dataset], "seed": 2020, "epochs": 300, "show_progress": False,
               "eval_args": {"split": {"LS": "valid_and_test"}, "order": "TO", "group_by": "user", "mode": "full"},
@@ -158,7 +141,7 @@ def main() -> None:
     runs += [("AlignGenRec", setting, {**generative, **ABLATIONS[setting]}) for setting in args.ablations.split(",") if setting]
     records = compare(runs, name, config_dict=shared, output_dir=RESULTS, name=table)
     for record in records:  # users scored in the test evaluation (one per user under leave-one-out)
-        record["cost"].setdefault("extra", {})["eval_users"] = float(records_users(name, data_root))
+        record["cost"].setdefault("extra", {})["eval_users"] = float(user_count(data_root, name))
     serving = None
     default = next((r for r in records if r["model"] == "AlignGenRec" and r["setting"] == "default"), None)
     if default and default["cost"].get("checkpoint"):
@@ -171,11 +154,6 @@ def main() -> None:
              f"{args.history} items in the prompt, beam 20; {os.environ.get('OMP_NUM_THREADS', '2')} CPU threads.\n\n")
     report.write_comparison(records, name, RESULTS, table, preface=setup + summary(records, serving) + tokenizer_table(records))
     print((RESULTS / f"{table}.md").read_text())
-
-
-def records_users(name: str, root: Path) -> int:
-    lines = (root / name / f"{name}.inter").read_text(encoding="utf-8").splitlines()[1:]
-    return len({line.split("\t", 1)[0] for line in lines})
 
 
 if __name__ == "__main__":

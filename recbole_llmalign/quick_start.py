@@ -94,6 +94,9 @@ def run_with_cost(
     )
     eval_sec = time.perf_counter() - eval_start
     test_cold_result = evaluate_cold_slice(config, trainer, train_data, test_data)
+    mode = config["eval_args"]["mode"]  # RecBole turns it into {"valid": ..., "test": ...}
+    labeled = (mode.get("test") if isinstance(mode, dict) else mode) == "labeled"
+    test_warm_result = evaluate_cold_slice(config, trainer, train_data, test_data, warm=True) if labeled else None
 
     logger.info("The running environment of this training is as follows:\n" + get_environment(config).draw())
     logger.info(set_color("best valid ", "yellow") + f": {best_valid_result}")
@@ -108,6 +111,9 @@ def run_with_cost(
     if test_cold_result is not None:
         logger.info(set_color("test result, cold items", "yellow") + f": {test_cold_result}")
         result["test_cold_result"] = test_cold_result
+    if test_warm_result is not None:  # labeled protocol: AUC on warm candidates beside cold ones (SeLLa-Rec's columns)
+        logger.info(set_color("test result, warm items", "yellow") + f": {test_warm_result}")
+        result["test_warm_result"] = test_warm_result
     epochs = len(trainer.epoch_train_seconds)
     cost = RunCost(
         epochs=epochs,
@@ -162,11 +168,14 @@ def ensure_backbone(config: Any, config_file_list: list[str] | None = None) -> N
     config["backbone_checkpoint"] = str(target)
 
 
-def evaluate_cold_slice(config: Any, trainer: Any, train_data: Any, test_data: Any) -> dict[str, float] | None:
-    """Test metrics on the users whose test item had at most ``cold_item_threshold`` training interactions.
+def evaluate_cold_slice(config: Any, trainer: Any, train_data: Any, test_data: Any,
+                        warm: bool = False) -> dict[str, float] | None:
+    """Test metrics on the rows whose test item had at most ``cold_item_threshold`` training interactions
+    (with ``warm=True``: more than that).
 
-    Returns None when the threshold is unset or no test item is that cold. Works for any model:
-    the same evaluator runs on a copy of the test loader restricted to those rows.
+    Returns None when the threshold is unset or the slice is empty. Works for any model: the same
+    evaluator runs on a copy of the test loader restricted to those rows (one row per user under
+    leave-one-out; one per (user, item) pair in labeled mode).
     """
     import numpy as np
 
@@ -179,13 +188,13 @@ def evaluate_cold_slice(config: Any, trainer: Any, train_data: Any, test_data: A
     items = np.fromiter((item for _, item in training_pairs(train_dataset)), dtype=np.int64)
     counts = np.bincount(items, minlength=train_dataset.item_num)
     targets = test_dataset.inter_feat[test_dataset.iid_field].numpy()
-    cold_rows = np.flatnonzero(counts[targets] <= int(threshold))
-    if len(cold_rows) == 0:
+    is_cold = counts[targets] <= int(threshold)
+    rows = np.flatnonzero(~is_cold if warm else is_cold)
+    if len(rows) == 0:
         return None
-    cold_loader = type(test_data)(config, test_dataset.copy(test_dataset.inter_feat[cold_rows]),
-                                  test_data._sampler, shuffle=False)
-    result = trainer.evaluate(cold_loader, load_best_model=False, show_progress=False)
-    result["n_users"] = float(len(cold_rows))
+    loader = type(test_data)(config, test_dataset.copy(test_dataset.inter_feat[rows]), test_data._sampler, shuffle=False)
+    result = trainer.evaluate(loader, load_best_model=False, show_progress=False)
+    result["n_users"] = float(len(rows))
     return result
 
 

@@ -25,7 +25,7 @@ def long_rows(record: dict[str, Any], dataset: str) -> list[list[Any]]:
     rows = []
     result = record["result"]
     for split, metrics in (("valid", result.get("best_valid_result")), ("test", result.get("test_result")),
-                           ("test_cold", result.get("test_cold_result"))):
+                           ("test_cold", result.get("test_cold_result")), ("test_warm", result.get("test_warm_result"))):
         for metric, value in (metrics or {}).items():
             rows.append([dataset, model, setting, split, metric, float(value)])
     for split, metric in COST_ROWS:
