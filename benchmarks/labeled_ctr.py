@@ -54,6 +54,7 @@ def main() -> None:
     parser.add_argument("--baseline-budget", type=float, default=300, help="train_time_budget of every non-LLM model, s")
     parser.add_argument("--llm-samples", type=float, default=5000, help="AlignLLMRec train_sample_budget (count or fraction)")
     parser.add_argument("--llm-layers", type=int, default=8)
+    parser.add_argument("--llm-epochs", type=int, default=1)
     parser.add_argument("--models", default="LR,FM,DeepFM,DIN,AlignSASRec,AlignLLMRec")
     parser.add_argument("--name", default=None)
     args = parser.parse_args()
@@ -76,13 +77,13 @@ def main() -> None:
     records = compare(runs, name, [str(CTR_YAML)], config_dict=shared, output_dir=RESULTS, name=table) if runs else []
     backbone = None
     if "AlignSASRec" in wanted:
-        scorer = compare([("AlignSASRec", "scorer", {"train_mode": "prefix"})], name, [str(CTR_YAML)], config_dict=shared,
+        scorer = compare([("AlignSASRec", "scorer", {})], name, [str(CTR_YAML)], config_dict=shared,
                          output_dir=RESULTS, name=table + "_partial")
         records += scorer
         backbone = scorer[0]["cost"].get("checkpoint")
     if "AlignLLMRec" in wanted:
         llm = {"task": "labeled", "llm_layers": args.llm_layers, "train_sample_budget": args.llm_samples,
-               "train_time_budget": None, "eval_batch_size": 256}
+               "train_time_budget": None, "eval_batch_size": 256, "epochs": args.llm_epochs}
         if backbone:
             llm["backbone_checkpoint"] = backbone
         records += compare([("AlignLLMRec", "labeled", llm)], name, [str(CTR_YAML)], config_dict=shared,
@@ -92,8 +93,8 @@ def main() -> None:
     setup = (f"Dataset {name} ({args.users or 'all'} random users of ml-1m-ctr, all their ratings): label = rating >= 4, "
              "5-core, global time-ordered 80/10/10 split, labeled evaluation. Non-LLM models: RecBole defaults, "
              f"{args.baseline_budget:.0f} s budget, early stopping 5 on valid AUC; AlignSASRec trained on the same "
-             f"sequences (prefix mode, its CE next-item loss) and scored by dot product; AlignLLMRec: SmolLM2-135M first "
-             f"{args.llm_layers} layers, yes/no head, {args.llm_samples:g} training pairs, 1 epoch. Warm / cold: test "
+             f"sequences (all_positions, its CE next-item loss) and scored by dot product; AlignLLMRec: SmolLM2-135M first "
+             f"{args.llm_layers} layers, yes/no head, {args.llm_samples:g} training pairs, {args.llm_epochs} epoch(s). Warm / cold: test "
              f"candidates with more than / at most 5 training interactions; {os.environ.get('OMP_NUM_THREADS', '2')} CPU threads.\n\n")
     report.write_comparison(records, name, RESULTS, table, preface=setup + summary(records) + auc_table(records))
     print((RESULTS / f"{table}.md").read_text())
