@@ -141,7 +141,7 @@ def main() -> None:
     runs += [("AlignGenRec", setting, {**generative, **ABLATIONS[setting]}) for setting in args.ablations.split(",") if setting]
     records = compare(runs, name, config_dict=shared, output_dir=RESULTS, name=table)
     for record in records:  # users scored in the test evaluation (one per user under leave-one-out)
-        record["cost"].setdefault("extra", {})["eval_users"] = float(user_count(data_root, name))
+        record["cost"].setdefault("extra", {})["eval_users"] = float(user_count(data_root if args.users else shared_data_dir(), name))
     serving = None
     default = next((r for r in records if r["model"] == "AlignGenRec" and r["setting"] == "default"), None)
     if default and default["cost"].get("checkpoint"):

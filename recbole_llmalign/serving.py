@@ -59,13 +59,20 @@ def user_windows(dataset: Any, window: int) -> tuple[np.ndarray, torch.Tensor, t
 
 
 def _atomic_save(payload: dict, path: Path) -> None:
+    """Write to a temporary file beside ``path``, then move it into place (a crash leaves the old file)."""
+    import tempfile
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    temp = path.with_name(path.name + ".tmp")
-    with open(temp, "wb") as handle:
-        torch.save(payload, handle)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temp, path)
+    handle = tempfile.NamedTemporaryFile(dir=path.parent, prefix=path.name + ".", suffix=".tmp", delete=False)
+    try:
+        with handle:
+            torch.save(payload, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(handle.name, path)
+    except BaseException:
+        Path(handle.name).unlink(missing_ok=True)
+        raise
 
 
 def precompute_topk(model_file: str | Path, output: str | Path, topk: int = 10, batch_size: int = 64,
@@ -129,7 +136,7 @@ class TopKCache:
         if not path.is_file():
             raise FileNotFoundError(f"Top-K cache {path} does not exist; build it with `precompute --model_file ... --output {path}`.")
         try:
-            payload = torch.load(path, map_location="cpu", weights_only=False)
+            payload = torch.load(path, map_location="cpu", weights_only=True)  # plain data: no code runs on load
         except Exception as error:  # truncated or not a torch file
             raise ValueError(f"Top-K cache {path} is unreadable ({type(error).__name__}); delete it and run precompute again.") from error
         if not isinstance(payload, dict) or payload.get("format") != FORMAT_VERSION or payload.get("payload_sha256") != _payload_hash(payload):

@@ -35,7 +35,9 @@ def test_resolution_uses_distinct_last_codes_before_adding_a_level():
     assert collision_rate(unique) == 0 and (unique[:, 0] == codes[:, 0]).all()
     crowded = torch.zeros(6, 2, dtype=torch.long)  # 6 items, one group, only 4 last-level codes
     unique, per_level, _ = resolve_collisions(crowded, torch.randn(6, 3), torch.randn(4, 3))
-    assert unique.shape == (6, 3) and per_level[:2] == [4, 4] and collision_rate(unique) == 0
+    assert unique.shape == (6, 3) and per_level == [4, 4, 2] and collision_rate(unique) == 0  # ceil(6 / 4) chunks
+    single, per_level, _ = resolve_collisions(torch.zeros(5, 1, dtype=torch.long), torch.randn(5, 3), torch.randn(4, 3))
+    assert per_level == [4, 2] and collision_rate(single) == 0  # one level: the whole catalog is one group
 
 
 def test_trie_allows_only_prefixes_of_real_items():

@@ -152,37 +152,40 @@ def resolve_collisions(codes: torch.Tensor, last_residual: torch.Tensor,
                        last_codebook: torch.Tensor) -> tuple[torch.Tensor, list[int], int]:
     """Make every row of ``codes`` unique; returns (codes, codes per level, items moved).
 
-    Inside each group sharing the first L-1 codes, colliding items get distinct last-level codes
-    by a minimum-distance assignment (balanced: each code used once in the group). Only groups
-    with more than K items keep duplicates after that; then one extra level numbers them.
+    Inside each group of colliding items that share the first L-1 codes, items get distinct
+    last-level codes by a minimum-distance assignment (balanced: each code used once). A group
+    larger than K is assigned in chunks of K, and only then one extra level numbers the chunks
+    (ceil(group / K) codes), so the extra level stays as small as possible.
     """
     from scipy.optimize import linear_sum_assignment
 
     codes = codes.clone()
     levels, k = codes.size(1), last_codebook.size(0)
     moved = 0
+    chunk = torch.zeros(len(codes), dtype=codes.dtype)
     if collision_rate(codes) > 0:
-        _, group = torch.unique(codes[:, :-1], dim=0, return_inverse=True)
+        if levels == 1:
+            group = torch.zeros(len(codes), dtype=torch.long)
+        else:
+            _, group = torch.unique(codes[:, :-1], dim=0, return_inverse=True)
         distances = torch.cdist(last_residual, last_codebook)
         for g in torch.unique(group).tolist():
             members = (group == g).nonzero().flatten()
             if len(members) < 2 or len(codes[members, -1].unique()) == len(members):
                 continue
-            take = members[:k] if len(members) > k else members
-            rows, cols = linear_sum_assignment(distances[take].numpy())
-            new = torch.as_tensor(cols, dtype=codes.dtype)
-            moved += int((codes[take[rows], -1] != new).sum())
-            codes[take[rows], -1] = new
+            for index, start in enumerate(range(0, len(members), k)):
+                take = members[start:start + k]
+                rows, cols = linear_sum_assignment(distances[take].numpy())
+                new = torch.as_tensor(cols, dtype=codes.dtype)
+                moved += int((codes[take[rows], -1] != new).sum())
+                codes[take[rows], -1] = new
+                chunk[take] = index
     per_level = [k] * levels
-    if collision_rate(codes) > 0:  # a group larger than K: number the duplicates on an extra level
-        _, inverse = torch.unique(codes, dim=0, return_inverse=True)
-        extra = torch.zeros(len(codes), dtype=codes.dtype)
-        seen: dict[int, int] = {}
-        for row, key in enumerate(inverse.tolist()):
-            extra[row] = seen.get(key, 0)
-            seen[key] = int(extra[row]) + 1
-        codes = torch.cat([codes, extra.unsqueeze(1)], dim=1)
-        per_level.append(int(extra.max()) + 1)
+    if int(chunk.max()) > 0:  # a group larger than K: its chunks are told apart on one extra level
+        codes = torch.cat([codes, chunk.unsqueeze(1)], dim=1)
+        per_level.append(int(chunk.max()) + 1)
+    if collision_rate(codes) > 0:
+        raise RuntimeError("Item codes still collide after resolution; this is a bug, please report it.")
     return codes, per_level, moved
 
 
@@ -200,6 +203,8 @@ class CodeTrie:
         self.levels = codes.size(1)
         self.codes_per_level = list(codes_per_level)
         self.base = max(codes_per_level)
+        if self.levels * np.log2(max(self.base, 2)) >= 62:
+            raise ValueError(f"{self.levels} levels of up to {self.base} codes do not fit 64-bit trie keys; use fewer or smaller levels.")
         self.powers = self.base ** torch.arange(self.levels, dtype=torch.long)
         self.level_keys: list[torch.Tensor] = []
         self.level_masks: list[torch.Tensor] = []

@@ -277,15 +277,15 @@ class AlignGenRec(SequentialRecommender):
         picked = label_ids.to(device) != -100
         states, gold = hidden[picked], label_ids.to(device)[picked]
         is_code = gold >= self.first_code_id
-        loss = hidden.new_zeros(())
+        loss = hidden.new_zeros((), dtype=torch.float32)
         if is_code.any():
             code_gold = gold[is_code] - self.first_code_id
-            logits = states[is_code] @ self.code_embeddings.T  # every code row, then keep the gold's level
+            logits = states[is_code].float() @ self.code_embeddings.T  # every code row, then keep the gold's level
             level = self.code_level.to(device)
             logits = logits.masked_fill(level.unsqueeze(0) != level[code_gold].unsqueeze(1), float("-inf"))
             loss = loss + F.cross_entropy(logits, code_gold, reduction="sum")
         if (~is_code).any():
-            loss = loss + F.cross_entropy(self.lm_head(states[~is_code]), gold[~is_code], reduction="sum")
+            loss = loss + F.cross_entropy(self.lm_head(states[~is_code]).float(), gold[~is_code], reduction="sum")
         return loss / max(int(picked.sum()), 1)
 
     @torch.inference_mode()
@@ -311,6 +311,7 @@ class AlignGenRec(SequentialRecommender):
                 mask = torch.cat([mask, mask.new_ones(mask.size(0), 1)], dim=1)
                 positions = positions + 1
                 tokens = self.code_embeddings[self.level_offsets[level - 1] + prefix[:, -1].to(device)]
+                tokens = tokens.to(self.embed_tokens.weight.dtype)
                 state = self.decoder(inputs_embeds=tokens.unsqueeze(1), attention_mask=mask, position_ids=positions,
                                      past_key_values=cache, use_cache=True).last_hidden_state[:, -1]
             k = self.codes_per_level[level]

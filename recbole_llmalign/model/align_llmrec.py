@@ -133,6 +133,9 @@ class AlignLLMRec(SequentialRecommender):
         self.titles = titles
         self.explanation_template = config["explanation_template"] or " They will enjoy {item} because"
         self.explanation_tokens = int(config["explanation_max_tokens"] or 24)
+        self.explanation_full_depth = config["explanation_full_depth"] is not False and llm.num_layers < self._total_layers(config)
+        self._llm_settings = (config["llm_path"], config["llm_cache_dir"], config["llm_dtype"])
+        self._explainer: Any = None
         self.prompts = PromptBuilder(self.tokenizer, config["prompt_template"], titles, mode=config["prompt_mode"],
                                      history_items=int(config["prompt_history_items"]),
                                      title_max_tokens=int(config["title_max_tokens"]))
@@ -324,50 +327,90 @@ class AlignLLMRec(SequentialRecommender):
         return scores.clone()
 
     # ---- explanations ----
+    @staticmethod
+    def _total_layers(config: Any) -> int:
+        from transformers import AutoConfig
+
+        from recbole_llmalign.llm.loader import resolve_llm_path
+
+        llm_config = AutoConfig.from_pretrained(resolve_llm_path(config["llm_path"], config["llm_cache_dir"]))
+        return int(getattr(llm_config, "num_hidden_layers", 0) or getattr(llm_config, "num_layers", 0))
+
+    def explanation_llm(self) -> Any:
+        """The LLM that writes explanations: the full-depth pretrained model (loaded once, frozen) when
+        ``explanation_full_depth`` is on and the ranking LLM keeps fewer layers; else the ranking LLM.
+
+        A cut LLM's language-model head reads a middle layer and writes no readable text; the full
+        model reads the same prompt embeddings (hard text and projected soft tokens share its input
+        embedding table) and writes English.
+        """
+        if not self.explanation_full_depth:
+            return None
+        if self._explainer is None:
+            path, cache_dir, dtype = self._llm_settings
+            self._explainer = load_causal_lm(path, cache_dir=cache_dir, dtype=dtype, llm_layers=None).model
+            self._explainer.to(self.ranking_head.weight.device)
+        return self._explainer
+
     def explain(self, item_seq: torch.Tensor, item_seq_len: torch.Tensor, items: torch.Tensor) -> list[str]:
         """One short generated reason per item in ``items`` for the user ``item_seq[0]``.
 
-        The LLM reads the same hybrid prompt that ranked the items (instruction, prefixes, soft
-        tokens, history titles), then ``explanation_template`` with the item's title, and
-        continues greedily (a mild repetition penalty) for up to ``explanation_max_tokens``.
+        The LLM reads the same hybrid prompt that ranked the items (instruction, soft tokens,
+        history titles; plus the learned prefixes when the ranking LLM itself writes), then
+        ``explanation_template`` with the item's title, and continues greedily (a mild repetition
+        penalty) for up to ``explanation_max_tokens``.
         """
         if self.is_encoder_decoder:
             raise ValueError("Explanations are generated with decoder-only LLMs; this model uses an encoder-decoder one.")
+        writer = self.explanation_llm()
         base = self.llm.get_base_model() if self._lora else self.llm
-        lm_head = base.get_output_embeddings()
         eos = self.tokenizer.eos_token_id
         reasons = []
         with torch.inference_mode():
             item_seq, item_seq_len = item_seq[:1], item_seq_len[:1]
             user = self._user_vectors(item_seq, item_seq_len)
             prompt, mask, _ = self.prompt_embeddings(item_seq, item_seq_len, user)
-            prompt, mask = prompt[:, mask[0].bool()], mask[:, mask[0].bool()]  # one user: drop padding
+            prompt = prompt[:, mask[0].bool()]  # one user: drop padding
+            if writer is not None and self.instruction_ids.numel() > 0:  # no cached key/values here: the text goes inline
+                prompt = torch.cat([self.embed_tokens(self.instruction_ids.to(prompt.device)), prompt], dim=1)
             for item in items.tolist():
                 tail = self.tokenizer(self.explanation_template.format(item=self.titles[item] or f"item {item}"),
                                       add_special_tokens=False, return_tensors="pt")["input_ids"].to(prompt.device)
                 embeds = torch.cat([prompt, self.embed_tokens(tail)], dim=1)
-                cache, prefix_length = self._prefix_cache(user)
-                positions = torch.arange(embeds.size(1), device=embeds.device).unsqueeze(0) + prefix_length
-                attention = torch.ones(1, prefix_length + embeds.size(1), dtype=torch.long, device=embeds.device)
-                output = self.decoder(inputs_embeds=embeds, attention_mask=attention, position_ids=positions,
-                                      past_key_values=cache, use_cache=True)
-                generated: list[int] = []
-                for _ in range(self.explanation_tokens):
-                    logits = lm_head(output.last_hidden_state[:, -1])[0]
-                    if generated:
-                        seen = torch.tensor(sorted(set(generated)), device=logits.device)
-                        logits[seen] = torch.where(logits[seen] > 0, logits[seen] / 1.3, logits[seen] * 1.3)
-                    token = int(logits.argmax())
-                    if token == eos:
-                        break
-                    generated.append(token)
-                    positions = positions[:, -1:] + 1
-                    attention = torch.cat([attention, attention.new_ones(1, 1)], dim=1)
-                    output = self.decoder(inputs_embeds=self.embed_tokens(torch.tensor([[token]], device=logits.device)),
-                                          attention_mask=attention, position_ids=positions,
-                                          past_key_values=output.past_key_values, use_cache=True)
-                reasons.append(self.tokenizer.decode(generated, skip_special_tokens=True).strip())
+                if writer is not None:
+                    generated = writer.generate(inputs_embeds=embeds, attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long,
+                                                                                                device=embeds.device),
+                                                max_new_tokens=self.explanation_tokens, do_sample=False, repetition_penalty=1.3,
+                                                pad_token_id=eos)[0].tolist()
+                else:
+                    generated = self._greedy_with_prefixes(base.get_output_embeddings(), embeds, user, eos)
+                text = self.tokenizer.decode(generated, skip_special_tokens=True).strip()
+                reasons.append(text.split("\n", 1)[0].strip())  # one line: the model may go on to a new paragraph
         return reasons
+
+    def _greedy_with_prefixes(self, lm_head: nn.Module, embeds: torch.Tensor, user: torch.Tensor, eos: int) -> list[int]:
+        """Greedy continuation by the ranking LLM itself, behind the instruction key/values and learned prefixes."""
+        cache, prefix_length = self._prefix_cache(user)
+        positions = torch.arange(embeds.size(1), device=embeds.device).unsqueeze(0) + prefix_length
+        attention = torch.ones(1, prefix_length + embeds.size(1), dtype=torch.long, device=embeds.device)
+        output = self.decoder(inputs_embeds=embeds, attention_mask=attention, position_ids=positions,
+                              past_key_values=cache, use_cache=True)
+        generated: list[int] = []
+        for _ in range(self.explanation_tokens):
+            logits = lm_head(output.last_hidden_state[:, -1])[0]
+            if generated:
+                seen = torch.tensor(sorted(set(generated)), device=logits.device)
+                logits[seen] = torch.where(logits[seen] > 0, logits[seen] / 1.3, logits[seen] * 1.3)
+            token = int(logits.argmax())
+            if token == eos:
+                break
+            generated.append(token)
+            positions = positions[:, -1:] + 1
+            attention = torch.cat([attention, attention.new_ones(1, 1)], dim=1)
+            output = self.decoder(inputs_embeds=self.embed_tokens(torch.tensor([[token]], device=logits.device)),
+                                  attention_mask=attention, position_ids=positions,
+                                  past_key_values=output.past_key_values, use_cache=True)
+        return generated
 
     # ---- trainable-only checkpoints ----
     def trainable_names(self) -> set[str]:
