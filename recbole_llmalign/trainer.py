@@ -176,33 +176,46 @@ def with_run_controls(trainer_class: type) -> type:
     return _wrapped[trainer_class]
 
 
-def all_positions_index(user_ids: np.ndarray, window: int) -> np.ndarray:
+def distance_to_user_end(user_ids: np.ndarray) -> np.ndarray:
+    """For each row of a prefix-augmented training set (users' rows contiguous, in time order):
+    how many rows of the same user follow it (0 = the user's last training target)."""
+    n_rows = len(user_ids)
+    is_last = np.r_[user_ids[1:] != user_ids[:-1], True]
+    ends = np.flatnonzero(is_last)
+    return ends[np.searchsorted(ends, np.arange(n_rows))] - np.arange(n_rows)
+
+
+def all_positions_index(user_ids: np.ndarray, window: int, holdout: int = 0) -> np.ndarray:
     """Rows of a prefix-augmented training set that tile each user's history without overlap.
 
     RecBole's sequential training set has one row per prefix (history -> next item), users'
     rows contiguous and in time order. Keeping the user's last row and every ``window``-th row
     before it gives windows whose targets cover every training interaction exactly once; with a
-    loss at every position, one pass over them is one pass over the data.
+    loss at every position, one pass over them is one pass over the data. ``holdout`` > 0 leaves
+    each user's last ``holdout`` targets out of every window (they stay visible as inputs only).
     """
-    n_rows = len(user_ids)
-    is_last = np.r_[user_ids[1:] != user_ids[:-1], True]
-    ends = np.flatnonzero(is_last)
-    distance_to_end = ends[np.searchsorted(ends, np.arange(n_rows))] - np.arange(n_rows)
-    return np.flatnonzero(distance_to_end % window == 0)
+    distance = distance_to_user_end(user_ids) - holdout
+    return np.flatnonzero((distance >= 0) & (distance % window == 0))
 
 
 class AlignSASRecTrainer(RunControlsMixin, Trainer):
     """RecBole's Trainer; in ``all_positions`` mode it trains on one window per user span."""
 
     def fit(self, train_data: Any, valid_data: Any = None, *args: Any, **kwargs: Any) -> Any:
+        holdout = int(self.config["holdout_last_targets"] or 0)
         if getattr(self.model, "train_mode", "prefix") == "all_positions":
-            train_data = self._all_positions_loader(train_data)
+            train_data = self._all_positions_loader(train_data, holdout)
+        elif holdout > 0:
+            users = train_data._dataset.inter_feat[train_data._dataset.uid_field].numpy()
+            index = np.flatnonzero(distance_to_user_end(users) >= holdout)
+            train_data = subset_loader(self.config, train_data, index, int(self.config["train_batch_size"]))
         return super().fit(train_data, valid_data, *args, **kwargs)
 
-    def _all_positions_loader(self, train_data: Any) -> Any:
+    def _all_positions_loader(self, train_data: Any, holdout: int = 0) -> Any:
         dataset = train_data._dataset
-        index = all_positions_index(dataset.inter_feat[dataset.uid_field].numpy(), self.config["MAX_ITEM_LIST_LENGTH"])
-        self.logger.info(f"all_positions: {len(index)} windows instead of {len(dataset)} prefixes per epoch.")
+        index = all_positions_index(dataset.inter_feat[dataset.uid_field].numpy(), self.config["MAX_ITEM_LIST_LENGTH"], holdout)
+        held = f", each user's last {holdout} targets held out" if holdout else ""
+        self.logger.info(f"all_positions: {len(index)} windows instead of {len(dataset)} prefixes per epoch{held}.")
         return subset_loader(self.config, train_data, index, int(self.config["all_positions_batch_size"]))
 
 
@@ -262,6 +275,12 @@ class AlignLLMRecTrainer(RunControlsMixin, Trainer):
             histories = dataset.inter_feat[dataset.iid_field + config["LIST_SUFFIX"]].numpy()
             candidates = denoise_mask(histories, targets, words)
             self.logger.info(f"denoising kept {int(candidates.sum())} of {len(targets)} samples.")
+        holdout = int(config["holdout_last_targets"] or 0)
+        if holdout > 0:  # stacking: train on the targets the backbone never saw as targets
+            users = dataset.inter_feat[dataset.uid_field].numpy()
+            held = distance_to_user_end(users) < holdout
+            candidates = held if candidates is None else candidates & held
+            self.logger.info(f"holdout_last_targets={holdout}: {int(held.sum())} held-out samples are the candidates.")
         buckets = int(config["diversity_buckets"])
         return diversity_sample(lengths, targets, budget_rows, buckets, buckets, seed=int(config["seed"]),
                                 candidates=candidates)

@@ -231,6 +231,21 @@ def test_backbone_is_trained_once_and_reused_when_no_checkpoint_is_given(cyclic_
     assert result["test_result"] == first["test_result"]  # training the backbone first does not shift the seed
 
 
+def test_stacking_backbone_holds_out_last_targets_and_alignllmrec_trains_on_them(cyclic_dataset, tiny_llama_dir):
+    from pathlib import Path
+
+    from recbole_llmalign.compat import load_checkpoint
+    from recbole_llmalign.quick_start import run_with_cost
+
+    data_path, name = cyclic_dataset
+    config = cyclic_config(data_path, item_text_fields=["title", "genre"], llm_path=str(tiny_llama_dir), llm_layers=1,
+                           train_batch_size=64, backbone_epochs=2, holdout_last_targets=1, denoise_samples=False)
+    _, cost = run_with_cost("AlignLLMRec", name, config_dict=config)
+    backbone = next(Path("saved/backbones").glob("AlignSASRec-cyclic-*.pth"))
+    assert load_checkpoint(backbone, map_location="cpu")["config"]["holdout_last_targets"] == 1
+    assert cost.extra["train_samples"] == 120  # one held-out sample (the last training target) per user
+
+
 @pytest.mark.slow
 def test_real_smollm2_trains_and_ranks_on_the_fixture(trained_backbone, smollm2_available):
     from recbole_llmalign.quick_start import run_with_cost

@@ -85,6 +85,17 @@ def test_all_positions_windows_cover_every_training_target_once():
     assert sorted(covered) == list(range(len(users)))
 
 
+def test_holdout_leaves_each_users_last_targets_out_of_the_backbone_and_gives_them_to_alignllmrec():
+    from recbole_llmalign.trainer import distance_to_user_end
+
+    users = np.array([1, 1, 1, 1, 2, 2, 2])
+    assert distance_to_user_end(users).tolist() == [3, 2, 1, 0, 2, 1, 0]
+    index = all_positions_index(users, window=2, holdout=1)
+    assert index.tolist() == [0, 2, 5]  # windows end at each user's second-to-last row
+    covered = {r for row in index for r in range(max(row - 1, 0), row + 1) if users[r] == users[row]}
+    assert covered == {0, 1, 2, 4, 5}  # every target but the users' last ones (rows 3 and 6)
+
+
 def _build(config_dict: dict, dataset: str = "cyclic"):
     from recbole.data import create_dataset, data_preparation
 
