@@ -94,6 +94,15 @@ def test_task_prompts_carry_codes_titles_and_negatives(trained_backbone, tiny_ll
     assert model.title_ids[target][0] in prompt and answer == model.item_code_tokens(target)
     prompt, _ = model.training_sample("negative", sequence, 3, target, generator)
     assert len([t for t in prompt if t >= model.first_code_id]) == (3 + model.negative_items) * model.item_codes.size(1)
+    # the user's collaborative soft token opens the history and carries the projected backbone vector
+    from recbole_llmalign.model.align_genrec import USER_TOKEN
+
+    prompt, _ = model.training_sample("sequential", sequence, 3, target, generator)
+    assert prompt.count(USER_TOKEN) == 1
+    model.eval()
+    users = model.user_vectors(torch.tensor([sequence]), torch.tensor([3]))
+    embeds = model.embed(torch.tensor([prompt]), users)
+    assert torch.allclose(embeds[0, prompt.index(USER_TOKEN)], model.user_projector(users)[0])
     # every code token renders as one added tokenizer token
     assert model.tokenizer.convert_tokens_to_ids(model.code_string(target)[:5]) >= model.first_code_id
 

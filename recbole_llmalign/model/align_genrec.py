@@ -36,6 +36,7 @@ from recbole_llmalign.llm.codebook import CodeTrie, fit_codebook
 from recbole_llmalign.llm.loader import load_causal_lm
 from recbole_llmalign.model.align_llmrec import load_backbone
 
+USER_TOKEN = -1  # placeholder id: its input embedding is the projected AlignSASRec sequence vector
 GENERATION_TASKS = ("sequential", "title_to_code", "code_to_title", "query", "negative")
 TEMPLATE_SLOTS = {
     "sequential": ("{history}",),
@@ -75,6 +76,11 @@ class AlignGenRec(SequentialRecommender):
         self.history_items = int(config["prompt_history_items"])
         self.negative_items = int(config["negative_items"])
         self.query_words = int(config["query_words"])
+        self.use_user_token = config["use_user_token"] is not False
+        if self.use_user_token:
+            from recbole_llmalign.llm.soft_prompt import CFProjector
+
+            self.user_projector = CFProjector(self.backbone.hidden_size, llm.hidden_size)
 
         # ---- item text: titles for the text tasks, other fields' words for queries ----
         fields = list(config["item_text_fields"] or [])
@@ -206,7 +212,9 @@ class AlignGenRec(SequentialRecommender):
         return ids
 
     def _history(self, sequence: list[int], length: int) -> list[int]:
-        return self._items_ids(sequence[max(0, length - self.history_items):length])
+        """The last items' codes, after the user's collaborative soft token when ``use_user_token`` is on."""
+        items = self._items_ids(sequence[max(0, length - self.history_items):length])
+        return ([USER_TOKEN] if self.use_user_token else []) + items
 
     def training_sample(self, task: str, sequence: list[int], length: int, target: int,
                         generator: torch.Generator) -> tuple[list[int], list[int]]:
@@ -238,16 +246,29 @@ class AlignGenRec(SequentialRecommender):
                 mask[i, width - len(row):] = 1
         return ids, mask
 
-    def embed(self, ids: torch.Tensor) -> torch.Tensor:
-        """Input embeddings: the LLM's rows for its own tokens, the trainable code rows for code tokens."""
+    def embed(self, ids: torch.Tensor, users: torch.Tensor | None = None) -> torch.Tensor:
+        """Input embeddings: the LLM's rows for its own tokens, the trainable code rows for code tokens,
+        and the projected sequence vector of row i's user (``users`` [B, C]) at ``USER_TOKEN``."""
         is_code = ids >= self.first_code_id
-        text = self.embed_tokens(torch.where(is_code, torch.zeros_like(ids), ids))
+        text = self.embed_tokens(torch.where(is_code | (ids < 0), torch.zeros_like(ids), ids))
         codes = self.code_embeddings[(ids - self.first_code_id).clamp(min=0)]
-        return torch.where(is_code.unsqueeze(-1), codes.to(text.dtype), text)
+        embeds = torch.where(is_code.unsqueeze(-1), codes.to(text.dtype), text)
+        if users is not None and self.use_user_token:
+            user_rows = self.user_projector(users).to(text.dtype).unsqueeze(1).expand_as(embeds)
+            embeds = torch.where((ids == USER_TOKEN).unsqueeze(-1), user_rows, embeds)
+        return embeds
 
-    def _run(self, ids: torch.Tensor, mask: torch.Tensor, cache: Any = None) -> Any:
+    def user_vectors(self, item_seq: torch.Tensor, item_seq_len: torch.Tensor) -> torch.Tensor | None:
+        """Frozen backbone sequence vectors [B, C] (zero for an empty history), or None without the user token."""
+        if not self.use_user_token:
+            return None
+        with torch.no_grad():
+            vectors = self.backbone.forward(item_seq, item_seq_len.clamp(min=1))
+        return vectors * (item_seq_len > 0).unsqueeze(-1)
+
+    def _run(self, ids: torch.Tensor, mask: torch.Tensor, cache: Any = None, users: torch.Tensor | None = None) -> Any:
         positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
-        return self.decoder(inputs_embeds=self.embed(ids), attention_mask=mask, position_ids=positions,
+        return self.decoder(inputs_embeds=self.embed(ids, users), attention_mask=mask, position_ids=positions,
                             past_key_values=cache, use_cache=cache is not None)
 
     # ---- RecBole interface ----
@@ -273,7 +294,8 @@ class AlignGenRec(SequentialRecommender):
         label_ids, _ = self._pad(labels)
         label_ids[mask == 0] = -100
         device = self.code_embeddings.device
-        hidden = self._run(ids.to(device), mask.to(device)).last_hidden_state
+        users = self.user_vectors(interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN])
+        hidden = self._run(ids.to(device), mask.to(device), users=users).last_hidden_state
         picked = label_ids.to(device) != -100
         states, gold = hidden[picked], label_ids.to(device)[picked]
         is_code = gold >= self.first_code_id
@@ -302,7 +324,7 @@ class AlignGenRec(SequentialRecommender):
         ids, mask = ids.to(device), mask.to(device)
         batch = ids.size(0)
         cache = DynamicCache(config=self.decoder.config)
-        state = self._run(ids, mask, cache).last_hidden_state[:, -1]
+        state = self._run(ids, mask, cache, users=self.user_vectors(item_seq, item_seq_len)).last_hidden_state[:, -1]
         positions = (mask.sum(1, keepdim=True) - 1)
         prefix = torch.zeros(batch, 0, dtype=torch.long)
         scores = torch.zeros(batch, 1, device=device)
