@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import random
 import time
 from pathlib import Path
@@ -109,7 +110,7 @@ def main() -> None:
     parser.add_argument("--dataset", default="amazon-games", choices=sorted(DATASETS))
     parser.add_argument("--users", type=int, default=2000, help="random users kept (0 = all)")
     parser.add_argument("--llm-layers", type=int, default=4)
-    parser.add_argument("--epochs", type=int, default=2, help="AlignGenRec epochs (validated once, after the last)")
+    parser.add_argument("--llm-epochs", type=int, default=2, help="AlignGenRec epochs (validated once, after the last)")
     parser.add_argument("--budget", type=float, default=1.0, help="AlignGenRec train_sample_budget")
     parser.add_argument("--history", type=int, default=5, help="AlignGenRec prompt_history_items")
     parser.add_argument("--baseline-budget", type=float, default=600, help="train_time_budget of SASRec, s")
@@ -118,6 +119,7 @@ def main() -> None:
     parser.add_argument("--skip-baselines", action="store_true")
     parser.add_argument("--name", default=None)
     args = parser.parse_args()
+    sys.argv = sys.argv[:1]  # RecBole's Config reads --key=value from argv: the script's own flags must not reach it
 
     from subsample import subsample_users, user_count
 
@@ -135,7 +137,7 @@ def main() -> None:
               "MAX_ITEM_LIST_LENGTH": 50, "train_time_budget": args.baseline_budget}
     runs = [] if args.skip_baselines else [("SASRec", "default", {}),
                                            ("AlignSASRec", "default", {"train_time_budget": args.align_budget})]
-    generative = {"llm_layers": args.llm_layers, "epochs": args.epochs, "eval_step": args.epochs,
+    generative = {"llm_layers": args.llm_layers, "epochs": args.llm_epochs, "eval_step": args.llm_epochs,
                   "train_sample_budget": args.budget, "prompt_history_items": args.history, "train_time_budget": None,
                   "backbone_epochs": 300}
     runs += [("AlignGenRec", setting, {**generative, **ABLATIONS[setting]}) for setting in args.ablations.split(",") if setting]
@@ -150,7 +152,7 @@ def main() -> None:
     setup = (f"Dataset {name} ({args.users or 'all'} random users of {args.dataset}, all their interactions); leave-one-out, "
              f"full ranking; seed 2020; embedding 64, MAX_ITEM_LIST_LENGTH 50. SASRec: {args.baseline_budget:.0f} s budget; "
              f"AlignSASRec: all_positions, {args.align_budget:.0f} s budget; AlignGenRec: SmolLM2-135M first {args.llm_layers} "
-             f"layers, LoRA r=8 + code rows, {args.epochs} epochs over a sample budget of {args.budget}, last "
+             f"layers, LoRA r=8 + code rows, {args.llm_epochs} epochs over a sample budget of {args.budget}, last "
              f"{args.history} items in the prompt, beam 20; {os.environ.get('OMP_NUM_THREADS', '2')} CPU threads.\n\n")
     report.write_comparison(records, name, RESULTS, table, preface=setup + summary(records, serving) + tokenizer_table(records))
     print((RESULTS / f"{table}.md").read_text())

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -77,6 +78,7 @@ def main() -> None:
     parser.add_argument("--name", default=None)
     parser.add_argument("--from-csv", action="store_true", help="only re-render the table from results/<name>.csv")
     args = parser.parse_args()
+    sys.argv = sys.argv[:1]  # RecBole's Config reads --key=value from argv: the script's own flags must not reach it
 
     from recbole_llmalign import report
     from recbole_llmalign.config import Config

@@ -19,6 +19,7 @@ import argparse
 import concurrent.futures
 import multiprocessing
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -155,6 +156,7 @@ def main() -> None:
     parser.add_argument("--eval-users", type=int, default=128)
     parser.add_argument("--name", default=None)
     args = parser.parse_args()
+    sys.argv = sys.argv[:1]  # RecBole's Config reads --key=value from argv: the script's own flags must not reach it
     name = args.name or f"align_llmrec_cost_{args.dataset.replace('-', '')}"
     rows = []
     context = multiprocessing.get_context("spawn")

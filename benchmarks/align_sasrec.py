@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import shutil
 from pathlib import Path
 
@@ -79,6 +80,7 @@ def main() -> None:
     parser.add_argument("--from-csv", action="store_true",
                         help="only re-render the table from results/<name>.csv (e.g. after a run was cut short)")
     args = parser.parse_args()
+    sys.argv = sys.argv[:1]  # RecBole's Config reads --key=value from argv: the script's own flags must not reach it
 
     from compare_builtins import reference_table
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -51,6 +52,7 @@ def main() -> None:
     parser.add_argument("--budget", type=float, default=None, help="train_time_budget per model, seconds")
     parser.add_argument("--name", default=None)
     args = parser.parse_args()
+    sys.argv = sys.argv[:1]  # RecBole's Config reads --key=value from argv: the script's own flags must not reach it
 
     from recbole_llmalign import report
     from recbole_llmalign.quick_start import compare

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -58,6 +59,7 @@ def main() -> None:
     parser.add_argument("--models", default="LR,FM,DeepFM,DIN,AlignSASRec,AlignLLMRec")
     parser.add_argument("--name", default=None)
     args = parser.parse_args()
+    sys.argv = sys.argv[:1]  # RecBole's Config reads --key=value from argv: the script's own flags must not reach it
 
     from subsample import subsample_users
 

@@ -19,6 +19,7 @@ import argparse
 import concurrent.futures
 import multiprocessing
 import os
+import sys
 import resource
 import time
 from pathlib import Path
@@ -122,6 +123,7 @@ def main() -> None:
                         help="most floats in one [users, items] score matrix (sets users per call)")
     parser.add_argument("--name", default="large_catalog")
     args = parser.parse_args()
+    sys.argv = sys.argv[:1]  # RecBole's Config reads --key=value from argv: the script's own flags must not reach it
     rows = []
     context = multiprocessing.get_context("spawn")
     for n_items in tqdm([int(n) for n in args.items.split(",")], desc="catalog sizes"):
