@@ -22,7 +22,6 @@ LC-Rec (sequential, alignment and query tasks over item indices) as references.
 
 from __future__ import annotations
 
-import hashlib
 import re
 from typing import Any, Sequence
 
@@ -390,11 +389,3 @@ class AlignGenRec(SequentialRecommender):
         result = super().load_state_dict(state_dict, strict=False, assign=assign)
         self._rebuild_lookup()
         return result
-
-    def checksum(self) -> str:
-        """SHA-256 of the saved state (trainable weights and item codes): the key of cached top-K files."""
-        digest = hashlib.sha256()
-        for name, tensor in sorted(self.state_dict().items()):
-            digest.update(name.encode())
-            digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-        return digest.hexdigest()
