@@ -229,3 +229,23 @@ def test_evaluation_item_table_is_built_in_bounded_chunks_with_the_same_scores(c
     assert model.full_sort_predict(interaction).shape == (len(interaction), model.n_items)
     with pytest.raises(ValueError, match="eval_item_chunk must be a positive"):
         _build(cyclic_config(data_path, item_text_fields=["title", "genre"], eval_item_chunk=0))
+
+
+def test_trimming_padding_columns_changes_no_score_or_loss(cyclic_dataset):
+    """Histories are cut to the longest one in the batch; the result must equal the padded computation."""
+    data_path, _ = cyclic_dataset
+    _, _, model, (train, valid, _) = _build(cyclic_config(data_path, item_representation="id", MAX_ITEM_LIST_LENGTH=20))
+    model.eval()
+    seq_field, len_field = model.ITEM_SEQ, model.ITEM_SEQ_LEN
+    for batch in (next(iter(train)), next(iter(valid))[0]):
+        item_seq, seq_len = batch[seq_field], batch[len_field]
+        assert int(seq_len.max()) < item_seq.size(1)  # the fixture leaves padding to cut
+        with torch.no_grad():
+            table = model._scoring_table()
+            padded = model.gather_indexes(model._encode(item_seq, table), seq_len - 1)
+            torch.testing.assert_close(model._user_vectors(batch, table), padded)
+    batch = next(iter(train))
+    with torch.no_grad():
+        trimmed_loss = model.calculate_loss(batch)
+        model._trim = lambda item_seq, seq_len: item_seq  # the untrimmed computation
+        torch.testing.assert_close(model.calculate_loss(batch), trimmed_loss)

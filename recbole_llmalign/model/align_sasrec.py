@@ -111,19 +111,27 @@ class AlignSASRec(SASRec):
         hidden = self.dropout(self.LayerNorm(items + self.position_embedding(positions)))
         return self.trm_encoder(hidden, self.get_attention_mask(item_seq), output_all_encoded_layers=True)[-1]
 
-    def _user_vectors(self, interaction: Any, table: torch.Tensor) -> torch.Tensor:
-        output = self._encode(interaction[self.ITEM_SEQ], table)
-        return self.gather_indexes(output, interaction[self.ITEM_SEQ_LEN] - 1)
+    @staticmethod
+    def _trim(item_seq: torch.Tensor, seq_len: torch.Tensor) -> torch.Tensor:
+        """Drop the padding columns no sequence of the batch reaches.
 
-    def forward(self, item_seq: torch.Tensor, item_seq_len: torch.Tensor) -> torch.Tensor:
-        table = self._scoring_table()
-        return self.gather_indexes(self._encode(item_seq, table), item_seq_len - 1)
+        RecBole pads every history to MAX_ITEM_LIST_LENGTH on the right; with the causal mask no
+        real position attends to them, so cutting them changes no output but saves their cost
+        (on amazon-games the mean window is 7 items long, padded to 50)."""
+        return item_seq[:, : max(int(seq_len.max()), 1)]
+
+    def _user_vectors(self, interaction: Any, table: torch.Tensor) -> torch.Tensor:
+        return self.forward(interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN], table)
+
+    def forward(self, item_seq: torch.Tensor, item_seq_len: torch.Tensor, table: torch.Tensor | None = None) -> torch.Tensor:
+        table = self._scoring_table() if table is None else table
+        return self.gather_indexes(self._encode(self._trim(item_seq, item_seq_len), table), item_seq_len - 1)
 
     # ---- training ----
     def _training_pairs(self, interaction: Any, table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(sequence vectors, their target item ids): last position only, or every position."""
-        item_seq, seq_len = interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN]
-        target = interaction[self.POS_ITEM_ID]
+        seq_len, target = interaction[self.ITEM_SEQ_LEN], interaction[self.POS_ITEM_ID]
+        item_seq = self._trim(interaction[self.ITEM_SEQ], seq_len)
         output = self._encode(item_seq, table)
         if self.train_mode == "prefix":
             return self.gather_indexes(output, seq_len - 1), target
