@@ -11,6 +11,7 @@ After the runs, the default AlignGenRec checkpoint writes every user's top-10 to
 file and 10,000 random lookups are timed (p50/p99).
 
     python benchmarks/align_genrec.py --dataset=amazon-games --users=2000
+    python benchmarks/align_genrec.py --dataset=ml-1m --users=1000 --budget=0.1 --ablations=default
 """
 
 from __future__ import annotations
@@ -30,10 +31,23 @@ ABLATIONS = {
     "levels3": {"codebook_levels": 3},
 }
 
-DATASETS = {  # datasets under the shared data folder, and the settings their plugin YAML would give
+PLUGIN_DATASET_YAML = Path(__file__).resolve().parents[1] / "recbole_llmalign" / "properties" / "dataset"
+DATASETS = {  # per dataset: settings its plugin YAML would give (subsamples get another name, so they are passed here)
     "amazon-games": {"load_col": {"inter": ["user_id", "item_id", "timestamp"], "item": ["item_id", "title"]},
                      "item_text_fields": ["title"]},
+    "ml-1m": {},  # the plugin's ml-1m.yaml (RecBole's benchmark protocol: ratings >= 3, 10-core) is passed as a file
 }
+DATASET_YAML = {"ml-1m": [str(PLUGIN_DATASET_YAML / "ml-1m.yaml")]}
+
+
+def source_folder(dataset: str, data_root: Path) -> Path:
+    """Folder holding ``<dataset>.inter/.item``: the shared data folder, or ml-1m built from its pip package."""
+    from recbole_llmalign.data.datasets import materialize_ml1m, shared_data_dir
+
+    if dataset == "ml-1m":
+        materialize_ml1m(data_root / "ml-1m", "ml-1m")
+        return data_root / "ml-1m"
+    return shared_data_dir() / dataset
 
 
 def lookup_latency(model_file: str, cache_path: Path, topk: int) -> dict[str, float]:
@@ -124,12 +138,12 @@ def main() -> None:
     from subsample import subsample_users, user_count
 
     from recbole_llmalign import report
-    from recbole_llmalign.data.datasets import shared_data_dir
     from recbole_llmalign.quick_start import compare
 
     data_root = Path("dataset")
-    name = (subsample_users(shared_data_dir() / args.dataset, args.dataset, args.users, 2020, data_root)
-            if args.users else args.dataset)
+    source = source_folder(args.dataset, data_root)
+    name = subsample_users(source, args.dataset, args.users, 2020, data_root) if args.users else args.dataset
+    config_files = DATASET_YAML.get(args.dataset, [])
     table = args.name or f"align_genrec_{args.dataset.replace('-', '')}"
     shared = {"data_path": str(data_root), **DATASETS[args.dataset], "seed": 2020, "epochs": 300, "show_progress": False,
               "eval_args": {"split": {"LS": "valid_and_test"}, "order": "TO", "group_by": "user", "mode": "full"},
@@ -140,16 +154,16 @@ def main() -> None:
     generative = {"llm_layers": args.llm_layers, "epochs": args.llm_epochs, "eval_step": args.llm_epochs,
                   "train_sample_budget": args.budget, "prompt_history_items": args.history, "train_time_budget": None,
                   "backbone_epochs": 300}
-    records = compare(runs, name, config_dict=shared, output_dir=RESULTS, name=table) if runs else []
+    records = compare(runs, name, config_files, config_dict=shared, output_dir=RESULTS, name=table) if runs else []
     backbone = next((r["cost"].get("checkpoint") for r in records if r["model"] == "AlignSASRec"), None)
     if backbone:  # AlignGenRec's frozen backbone is exactly the AlignSASRec row
         generative["backbone_checkpoint"] = backbone
     generative_runs = [("AlignGenRec", setting, {**generative, **ABLATIONS[setting]}) for setting in args.ablations.split(",") if setting]
-    records += compare(generative_runs, name, config_dict=shared, output_dir=RESULTS, name=table + "_partial")
+    records += compare(generative_runs, name, config_files, config_dict=shared, output_dir=RESULTS, name=table + "_partial")
     for suffix in (".md", ".csv", ".png"):
         (RESULTS / f"{table}_partial{suffix}").unlink(missing_ok=True)
     for record in records:  # users scored in the test evaluation (one per user under leave-one-out)
-        record["cost"].setdefault("extra", {})["eval_users"] = float(user_count(data_root if args.users else shared_data_dir(), name))
+        record["cost"].setdefault("extra", {})["eval_users"] = float(user_count(data_root if args.users else source.parent, name))
     serving = None
     default = next((r for r in records if r["model"] == "AlignGenRec" and r["setting"] == "default"), None)
     if default and default["cost"].get("checkpoint"):
