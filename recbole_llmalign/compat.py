@@ -24,11 +24,19 @@ import torch
 
 # numpy 2 removed these aliases; RecBole's Config.compatibility_settings() reads np.float_,
 # np.complex_ and np.unicode_, and ray 2.6.3's tune loggers read np.bool8 at import time.
+# RecBole's metrics (NDCG, MAP, ...) use np.float and friends, which only that Config method
+# restores: a checkpoint's unpickled Config never runs it, so evaluating a loaded model would fail.
 NUMPY_ALIASES: dict[str, Any] = {
     "float_": np.float64,
     "complex_": np.complex128,
     "unicode_": np.str_,
     "bool8": np.bool_,
+    "float": np.float64,
+    "int": np.int_,
+    "complex": np.complex128,
+    "object": np.object_,
+    "str": np.str_,
+    "unicode": np.str_,
 }
 
 # RecBole modules that call torch.load on checkpoints RecBole itself wrote (they pickle the Config).

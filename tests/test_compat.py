@@ -35,6 +35,17 @@ def test_quick_start_imports_in_a_fresh_interpreter():
     assert done.stdout.strip().endswith("ok")
 
 
+def test_metrics_of_a_loaded_checkpoint_compute_without_building_a_config():
+    """A checkpoint's unpickled Config never restores np.float, which RecBole's NDCG uses."""
+    code = ("import recbole_llmalign, numpy as np; from recbole.evaluator.metrics import NDCG; "
+            "hits = np.array([[False, True, False]]); "
+            "print(float(NDCG.metric_info(None, hits, np.array([1]))[0, 2]))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert float(done.stdout.strip()) == pytest.approx(1 / np.log2(3))  # one hit at rank 2
+
+
 def test_sequential_models_leave_anomaly_detection_off():
     importlib.import_module("recbole.model.sequential_recommender.sine")
     assert not torch.is_anomaly_enabled(), "sine.py's set_detect_anomaly(True) leaked into the process"
