@@ -126,6 +126,15 @@ def test_generation_only_yields_real_items_and_learns_a_fixed_next_item(trained_
     assert len(torch.unique(codes, dim=0)) == len(torch.unique(items.flatten()))
     full = model.full_sort_predict(batch)
     assert (full > model.floor).sum(1).eq(items.size(1)).all()
+    # "model" scoring keeps the probability mass training gave invalid codes; renormalizing over the
+    # trie's valid continuations can only raise an item's score
+    assert model.beam_scoring == "model"
+    model.beam_scoring = "renormalized"
+    renormalized = model.full_sort_predict(batch)
+    both = (full > model.floor) & (renormalized > model.floor)
+    assert both.any()
+    assert (renormalized[both] >= full[both] - 1e-5).all()
+    assert (renormalized[both] > full[both] + 1e-5).any()
 
 
 def test_checkpoint_holds_trainables_and_codes_and_refuses_other_codebooks(trained_backbone, tiny_llama_dir, tmp_path):
@@ -148,6 +157,8 @@ def test_bad_settings_are_refused(trained_backbone, tiny_llama_dir):
         _build(trained_backbone, tiny_llama_dir, task_weights={"sequentail": 1.0})
     with pytest.raises(ValueError, match="must contain"):
         _build(trained_backbone, tiny_llama_dir, sequential_template="no slot here")
+    with pytest.raises(ValueError, match="beam_scoring"):
+        _build(trained_backbone, tiny_llama_dir, beam_scoring="length_normalized")
 
 
 def test_topk_cache_round_trip_and_stale_cache_refused(trained_backbone, tiny_llama_dir, tmp_path):

@@ -72,6 +72,9 @@ class AlignGenRec(SequentialRecommender):
             raise ValueError(f"beam_size {self.beam_size} is smaller than topk {largest_topk}: only beam_size items are "
                              "generated per user. Raise beam_size to at least the largest topk.")
         self.floor = float(config["generation_floor"])
+        self.beam_scoring = config["beam_scoring"] or "model"
+        if self.beam_scoring not in ("model", "renormalized"):
+            raise ValueError(f"beam_scoring must be 'model' or 'renormalized', got {self.beam_scoring!r}.")
         self.history_items = int(config["prompt_history_items"])
         self.negative_items = int(config["negative_items"])
         self.query_words = int(config["query_words"])
@@ -338,7 +341,9 @@ class AlignGenRec(SequentialRecommender):
             k = self.codes_per_level[level]
             logits = state.float() @ self.code_embeddings[offset:offset + k].T.float()
             allowed = self.trie.allowed(prefix).to(device)
-            log_probs = torch.log_softmax(logits.masked_fill(~allowed, float("-inf")), dim=-1)
+            if self.beam_scoring == "renormalized":  # a softmax over the valid continuations only
+                logits = logits.masked_fill(~allowed, float("-inf"))
+            log_probs = torch.log_softmax(logits, dim=-1)  # "model": the probability training gave each code
             log_probs = torch.where(allowed, log_probs, torch.full_like(log_probs, float("-inf")))
             beams = scores.size(1)
             total = (scores.reshape(-1, 1) + log_probs).view(batch, beams * k)
