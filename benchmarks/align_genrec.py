@@ -42,10 +42,12 @@ DATASET_YAML = {"ml-1m": [str(PLUGIN_DATASET_YAML / "ml-1m.yaml")]}
 
 def source_folder(dataset: str, data_root: Path) -> Path:
     """Folder holding ``<dataset>.inter/.item``: the shared data folder, or ml-1m built from its pip package."""
+    from recbole_llmalign.data.atomic import verify_dataset_dir
     from recbole_llmalign.data.datasets import materialize_ml1m, shared_data_dir
 
     if dataset == "ml-1m":
-        materialize_ml1m(data_root / "ml-1m", "ml-1m")
+        if not verify_dataset_dir(data_root / "ml-1m"):  # built once, then reused
+            materialize_ml1m(data_root / "ml-1m", "ml-1m")
         return data_root / "ml-1m"
     return shared_data_dir() / dataset
 

@@ -42,6 +42,7 @@ def evaluate_both(setting: str, model_file: str, progress) -> tuple[str, list[li
             seconds = time.perf_counter() - start
             rows += [[config["dataset"], "AlignGenRec", f"{setting}/{scoring}", split, m, float(v)] for m, v in result.items()]
             rows.append([config["dataset"], "AlignGenRec", f"{setting}/{scoring}", split, "eval_sec", seconds])
+            rows.append([config["dataset"], "AlignGenRec", f"{setting}/{scoring}", split, "beam_size", float(model.beam_size)])
             progress.update(1)
     return config["dataset"], rows
 
@@ -123,8 +124,9 @@ def main() -> None:
     report.write_csv(rows, RESULTS / f"{name}.csv")
     sasrec = next((float(r["value"]) for r in reference if r["model"] == "SASRec" and r["split"] == "test"
                    and r["metric"] == "hit@5"), None)
+    beam = next(r[5] for r in rows if r[4] == "beam_size")
     lines = [f"# {name}\n", f"Dataset {dataset}; checkpoints of the run in `{Path(args.reference).name}` re-evaluated "
-             f"(no retraining) under each `beam_scoring`; beam 20, full ranking; "
+             f"(no retraining) under each `beam_scoring`; beam {beam:.0f}, full ranking; "
              f"{os.environ.get('OMP_NUM_THREADS', '2')} CPU threads.\n"]
     if sasrec:
         for setting, _ in pairs:

@@ -21,7 +21,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-FORMAT_VERSION = 1
+# Bumped whenever the lists a checkpoint yields change without the checkpoint changing
+# (2: AlignGenRec's default beam_scoring became "model"), so older caches are refused.
+FORMAT_VERSION = 2
 
 
 def file_sha256(path: str | Path) -> str:
@@ -108,6 +110,7 @@ def precompute_topk(model_file: str | Path, output: str | Path, topk: int = 10, 
         "model_sha256": file_sha256(model_file),
         "data_signature": data_signature(dataset),
         "topk": topk,
+        "generation": generation_settings(model),
         "users": [str(u) for u in np.asarray(dataset.field2id_token[dataset.uid_field], dtype=object)[users]],
         "items": [[str(item_tokens[i]) if i > 0 else "" for i in row] for row in items],
         "scores": torch.cat(all_scores),
@@ -118,9 +121,15 @@ def precompute_topk(model_file: str | Path, output: str | Path, topk: int = 10, 
     return path
 
 
+def generation_settings(model: Any) -> str:
+    """The inference settings that shape a generative model's lists (recorded in the cache)."""
+    keys = ("beam_size", "beam_scoring", "floor")
+    return ",".join(f"{key}={getattr(model, key)}" for key in keys if hasattr(model, key))
+
+
 def _payload_hash(payload: dict) -> str:
     digest = hashlib.sha256()
-    for key in ("format", "model", "model_sha256", "data_signature", "topk"):
+    for key in ("format", "model", "model_sha256", "data_signature", "topk", "generation"):
         digest.update(str(payload[key]).encode())
     digest.update("\x1f".join(payload["users"]).encode())
     digest.update("\x1f".join("\x1e".join(row) for row in payload["items"]).encode())

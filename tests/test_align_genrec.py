@@ -191,4 +191,15 @@ def test_topk_cache_round_trip_and_stale_cache_refused(trained_backbone, tiny_ll
         TopKCache(broken)
     with pytest.raises(KeyError, match="no cached top-K"):
         cache.lookup("nobody")
+    # a cache from an older format (lists made under other inference rules) is refused, not trusted
+    from recbole_llmalign.serving import FORMAT_VERSION, _payload_hash
+
+    payload = torch.load(path, weights_only=True)
+    assert "beam_scoring=model" in payload["generation"]
+    payload["format"] = FORMAT_VERSION - 1
+    payload["payload_sha256"] = _payload_hash(payload)
+    older = tmp_path / "older.pth"
+    torch.save(payload, older)
+    with pytest.raises(ValueError, match="another format"):
+        TopKCache(older, model_file=cost.checkpoint)
     assert not list(Path(tmp_path).glob("*.tmp"))

@@ -231,10 +231,12 @@ def test_evaluation_item_table_is_built_in_bounded_chunks_with_the_same_scores(c
         _build(cyclic_config(data_path, item_text_fields=["title", "genre"], eval_item_chunk=0))
 
 
-def test_trimming_padding_columns_changes_no_score_or_loss(cyclic_dataset):
+@pytest.mark.parametrize("train_mode", ["all_positions", "prefix"])
+def test_trimming_padding_columns_changes_no_score_or_loss(cyclic_dataset, train_mode):
     """Histories are cut to the longest one in the batch; the result must equal the padded computation."""
     data_path, _ = cyclic_dataset
-    _, _, model, (train, valid, _) = _build(cyclic_config(data_path, item_representation="id", MAX_ITEM_LIST_LENGTH=20))
+    _, _, model, (train, valid, _) = _build(cyclic_config(data_path, item_representation="id", MAX_ITEM_LIST_LENGTH=20,
+                                                          train_mode=train_mode))
     model.eval()
     seq_field, len_field = model.ITEM_SEQ, model.ITEM_SEQ_LEN
     for batch in (next(iter(train)), next(iter(valid))[0]):
