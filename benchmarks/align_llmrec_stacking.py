@@ -12,6 +12,7 @@ selection keeps the start when training does not help) and ``stacked_trained`` (
 itself). Metrics: NDCG@10, Recall@10, HitRate@100, cold slice.
 
     python benchmarks/align_llmrec_stacking.py --dataset=ml-100k --holdout=1 --llm-epochs=5
+    python benchmarks/align_llmrec_stacking.py --dataset=ml-1m --holdout=1 --llm-epochs=3 --backbone-epochs=15 --skip-guarded
 """
 
 from __future__ import annotations
@@ -45,6 +46,9 @@ def main() -> None:
     parser.add_argument("--backbone-epochs", type=int, default=50)
     parser.add_argument("--llm-epochs", type=int, default=5)
     parser.add_argument("--learning-rate", type=float, default=1e-4)
+    parser.add_argument("--skip-guarded", action="store_true",
+                        help="train only stacked_trained: stacked trains identically and differs only by keeping the start when "
+                             "no epoch beats it on valid, i.e. it is backbone_holdout or stacked_trained, whichever validates higher")
     parser.add_argument("--name", default=None)
     args = parser.parse_args()
     sys.argv = sys.argv[:1]  # RecBole's Config reads --key=value from argv: the script's own flags must not reach it
@@ -61,8 +65,9 @@ def main() -> None:
     checkpoint = backbones[1]["cost"]["checkpoint"]
     llm = {"backbone_checkpoint": checkpoint, "holdout_last_targets": args.holdout, "epochs": args.llm_epochs,
            "learning_rate": args.learning_rate}
-    records = backbones + compare([("AlignLLMRec", "stacked", llm),
-                                   ("AlignLLMRec", "stacked_trained", {**llm, "validate_before_training": False})],
+    llm_runs = [] if args.skip_guarded else [("AlignLLMRec", "stacked", llm)]
+    llm_runs.append(("AlignLLMRec", "stacked_trained", {**llm, "validate_before_training": False}))
+    records = backbones + compare(llm_runs,
                                   args.dataset, config_dict=shared, output_dir=RESULTS, name=name + "_llm")
     for suffix in (".md", ".csv", ".png"):
         (RESULTS / f"{name}_llm{suffix}").unlink(missing_ok=True)

@@ -13,6 +13,10 @@ encodes item text into a fresh cache (``text_sec`` = encoding time); later runs 
     python benchmarks/align_sasrec.py --dataset=amazon-games --baseline-budget=1800 --align-budget=900
     python benchmarks/align_sasrec.py --dataset=ml-100k --baseline-budget=600 --align-budget=300 --with-prefix
     python benchmarks/align_sasrec.py --dataset=amazon-mi-reviews --baseline-budget=90 --align-budget=90 --with-prefix --with-no-reviews
+    # the anchor with lighter dropout (ml-1m is dense), AlignSASRec rows only
+    python benchmarks/align_sasrec.py --dataset=ml-1m --skip-baselines --settings=id_only,default --align-budget=900 \
+        --set hidden_dropout_prob=0.2 --set attn_dropout_prob=0.2 --name=align_sasrec_ml1m_dropout02 \
+        --baselines-from=benchmarks/results/align_sasrec_ml1m.csv
 """
 
 from __future__ import annotations
@@ -22,6 +26,8 @@ import os
 import sys
 import shutil
 from pathlib import Path
+
+import yaml
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PUBLISHED_SASREC_ML1M_NDCG10 = 0.1286
@@ -81,11 +87,25 @@ def main() -> None:
     parser.add_argument("--with-no-reviews", action="store_true",
                         help="also train AlignSASRec with review_field off (metadata only; for datasets with reviews)")
     parser.add_argument("--skip-baselines", action="store_true")
+    parser.add_argument("--baselines-from", default=None, metavar="CSV",
+                        help="with --skip-baselines: take the SASRec/GRU4Rec rows from an earlier run's CSV (named in the table)")
+    parser.add_argument("--settings", default=",".join(ABLATIONS), help="AlignSASRec rows to run, from: " + ", ".join(ABLATIONS))
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="config override for every run (YAML value), e.g. --set hidden_dropout_prob=0.2; repeatable")
     parser.add_argument("--name", default=None)
     parser.add_argument("--from-csv", action="store_true",
                         help="only re-render the table from results/<name>.csv (e.g. after a run was cut short)")
     args = parser.parse_args()
     ablation_budget = args.align_budget if args.ablation_budget is None else args.ablation_budget
+    overrides = {}
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            parser.error(f"--set takes KEY=VALUE, got {item!r}")
+        overrides[key] = yaml.safe_load(value)
+    unknown = set(args.settings.split(",")) - set(ABLATIONS)
+    if unknown:
+        parser.error(f"unknown --settings {sorted(unknown)}; choose from {list(ABLATIONS)}")
     sys.argv = sys.argv[:1]  # RecBole's Config reads --key=value from argv: the script's own flags must not reach it
 
     from compare_builtins import reference_table
@@ -96,7 +116,10 @@ def main() -> None:
     name = args.name or f"align_sasrec_{args.dataset.replace('-', '')}"
     setup = (f"Dataset {args.dataset}; embedding 64, MAX_ITEM_LIST_LENGTH 50, seed 2020, early stopping 10 on valid "
              f"NDCG@10; budgets: {args.baseline_budget:.0f} s (prefix-trained runs), {args.align_budget:.0f} s "
-             f"(all_positions runs default and id_only), {ablation_budget:.0f} s (other ablations); one process per run, {os.environ.get('OMP_NUM_THREADS', '2')} CPU threads.\n\n")
+             f"(all_positions runs default and id_only), {ablation_budget:.0f} s (other ablations); one process per run, {os.environ.get('OMP_NUM_THREADS', '2')} CPU threads"
+             + (f"; every run with {', '.join(f'{k}={v}' for k, v in overrides.items())}" if overrides else "") + ".\n\n")
+    if args.baselines_from:
+        setup += f"SASRec and GRU4Rec rows: copied from the earlier run {Path(args.baselines_from).name} (same split and seed).\n\n"
     if args.from_csv:
         dataset, records = report.records_from_csv(RESULTS / f"{name}.csv")
         report.write_comparison(records, dataset, RESULTS, name,
@@ -107,16 +130,19 @@ def main() -> None:
     shutil.rmtree(cache_dir, ignore_errors=True)  # the first AlignSASRec run measures encoding
     shared = {"epochs": 300, "seed": 2020, "show_progress": False, "valid_metric": "NDCG@10", "stopping_step": 10,
               "metrics": ["Recall", "NDCG", "Hit"], "topk": [10], "cold_item_threshold": 5,
-              "text_cache_dir": str(cache_dir), "train_time_budget": args.baseline_budget}
+              "text_cache_dir": str(cache_dir), "train_time_budget": args.baseline_budget, **overrides}
     runs = [] if args.skip_baselines else [("SASRec", "default", {}), ("GRU4Rec", "default", {})]
     runs += [("AlignSASRec", setting,
-              {**overrides, "train_time_budget": args.align_budget if setting in ("default", "id_only") else ablation_budget})
-             for setting, overrides in ABLATIONS.items()]
+              {**settings, "train_time_budget": args.align_budget if setting in ("default", "id_only") else ablation_budget})
+             for setting, settings in ABLATIONS.items() if setting in args.settings.split(",")]
     if args.with_no_reviews:
         runs.append(("AlignSASRec", "no_reviews", {"review_field": None, "train_time_budget": ablation_budget}))
     if args.with_prefix:
         runs.append(("AlignSASRec", "prefix", {"train_mode": "prefix"}))
     records = compare(runs, args.dataset, config_dict=shared, output_dir=RESULTS, name=name)
+    if args.baselines_from:
+        _, earlier = report.records_from_csv(Path(args.baselines_from))
+        records = [r for r in earlier if r["model"] in ("SASRec", "GRU4Rec")] + records
     preface = setup + summary(records, args.dataset) + reference_table(args.dataset, records)
     report.write_comparison(records, args.dataset, RESULTS, name, preface=preface)
     print((RESULTS / f"{name}.md").read_text())

@@ -87,10 +87,14 @@ def test_labeled_task_refuses_full_ranking(trained_backbone, tiny_llama_dir):
     from tests.conftest import cyclic_config
 
     data_path, name, checkpoint = trained_backbone
-    config = Config(model="AlignLLMRec", dataset=name, config_dict=cyclic_config(
-        data_path, item_text_fields=["title"], backbone_checkpoint=checkpoint, llm_path=str(tiny_llama_dir), llm_layers=2,
-        task="labeled", answer_words=["yes", "no"]))
+    settings = dict(item_text_fields=["title"], backbone_checkpoint=checkpoint, llm_path=str(tiny_llama_dir), llm_layers=2,
+                    task="labeled", answer_words=["yes", "no"])
+    config = Config(model="AlignLLMRec", dataset=name, config_dict=cyclic_config(data_path, **settings))
     train, _, test = data_preparation(config, create_dataset(config))
+    with pytest.raises(ValueError, match="'label_list', which this dataset does not have"):  # no label field at all
+        get_model("AlignLLMRec")(config, train._dataset)
+    config = Config(model="AlignLLMRec", dataset=name, config_dict=cyclic_config(
+        data_path, history_label_words=None, label_rate_features=False, **settings))
     model = get_model("AlignLLMRec")(config, train._dataset).eval()
     with pytest.raises(ValueError, match="task: labeled scores .* pairs"):
         model.full_sort_predict(next(iter(test))[0])
@@ -98,3 +102,60 @@ def test_labeled_task_refuses_full_ranking(trained_backbone, tiny_llama_dir):
         get_model("AlignLLMRec")(Config(model="AlignLLMRec", dataset=name, config_dict=cyclic_config(
             data_path, item_text_fields=["title"], backbone_checkpoint=checkpoint, llm_path=str(tiny_llama_dir),
             llm_layers=2, task="ctr")), train._dataset)
+
+
+def test_history_items_carry_their_liked_or_disliked_word(tiny_llama_dir):
+    from transformers import AutoTokenizer
+
+    from recbole_llmalign.llm.soft_prompt import PromptBuilder
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    vocab = tokenizer.get_vocab()
+    builder = PromptBuilder(tokenizer, "user {user} watched {history}", ["", "movie", "item"], "titles", history_items=2)
+    builder.set_history_marks(["yes", "no"], tokenizer)  # single tokens of the tiny vocabulary: liked, disliked
+    history = torch.tensor([[1, 2, 1], [2, 0, 0]])
+    lengths = torch.tensor([3, 1])
+    labels = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
+    prompts = builder.assemble(history, lengths, history_labels=labels)
+    first = [t for t in prompts.token_ids[0].tolist() if t >= 0]
+    # the last two items of row 0 are item 2 (liked) then item 1 (disliked)
+    expected = [vocab["item"], vocab["yes"]] + builder.separator + [vocab["movie"], vocab["no"]]
+    assert first[-len(expected):] == expected
+    second = prompts.token_ids[1][prompts.attention_mask[1].bool()].tolist()
+    assert second[-2:] == [vocab["item"], vocab["yes"]]
+    assert builder.prompt_lengths(history, lengths, labels) == prompts.attention_mask.sum(1).tolist()
+    unmarked = builder.assemble(history, lengths)  # no labels given: no marks
+    assert vocab["no"] not in unmarked.token_ids[0].tolist()
+    with pytest.raises(ValueError, match="two words"):
+        builder.set_history_marks(["yes"], tokenizer)
+
+
+@pytest.fixture
+def tendency_dataset(tmp_path) -> tuple[str, str]:
+    """The label is a property of the USER: odd users like (5) everything they rate, even users
+    nothing (1); what they rate is random. Only the labels of a user's history can tell them apart."""
+    generator = np.random.default_rng(0)
+    rows = []
+    for user in range(1, 121):
+        for step, item in enumerate(generator.choice(30, size=14, replace=False) + 1):
+            rows.append([f"u{user}", f"i{item}", 5.0 if user % 2 else 1.0, 1000 * step + user])  # users interleaved in time
+    root = tmp_path / "data"
+    write_atomic(root / "tend" / "tend.inter", ["user_id:token", "item_id:token", "rating:float", "timestamp:float"], rows)
+    write_atomic(root / "tend" / "tend.item", ["item_id:token", "title:token_seq"], [[f"i{i}", f"Item number {i}"] for i in range(1, 31)])
+    return str(root), "tend"
+
+
+def test_history_labels_and_rate_features_capture_user_tendency(tendency_dataset, tiny_llama_dir):
+    from recbole_llmalign.quick_start import run_with_cost
+
+    data_path, name = tendency_dataset
+    common = dict(task="labeled", llm_path=str(tiny_llama_dir), llm_layers=2, answer_words=["yes", "no"], train_batch_size=64,
+                  train_sample_budget=1.0, epochs=1, backbone_epochs=2, eval_batch_size=256, learning_rate=1e-3)
+    blind, _ = run_with_cost("AlignLLMRec", name, config_dict=_labeled_config(
+        data_path, history_label_words=None, label_rate_features=False, **common))
+    informed, _ = run_with_cost("AlignLLMRec", name, config_dict=_labeled_config(
+        data_path, history_label_words=["yes", "no"], label_rate_features=True, **common))
+    assert informed["test_result"]["auc"] > 0.95  # the user's like rate separates the two groups at once
+    assert blind["test_result"]["auc"] < 0.75  # item choice is random: nothing to learn from without labels
+    checkpoint = sorted(Path("saved").glob("AlignLLMRec-*.pth"))[-1]
+    assert "rate_weights" in torch.load(checkpoint, weights_only=False)["state_dict"]

@@ -100,6 +100,18 @@ class PromptBuilder:
         self.title_ids = [encode(" " + title)[:title_max_tokens] if title else [] for title in titles]
         self.candidate_head: list[int] = []
         self.candidate_tail: list[int] = []
+        self.mark_ids: tuple[list[int], list[int]] | None = None
+
+    def set_history_marks(self, words: Sequence[str], tokenizer: Any) -> None:
+        """Words placed after each history item by the user's label on it, e.g. ``[" (liked)", " (disliked)"]``.
+
+        In the labeled protocol the history holds disliked items too; without a mark the LLM reads
+        them as things the user enjoyed (CoLLM and TALLRec list liked and disliked items apart).
+        """
+        if len(words) != 2:
+            raise ValueError(f"history_label_words must be two words (liked, disliked), got {list(words)}.")
+        encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+        self.mark_ids = (encode(words[0]), encode(words[1]))
 
     def set_candidate_template(self, template: str, tokenizer: Any) -> None:
         """Text after the prompt that names a candidate item, e.g. ``" Will they enjoy {candidate}? Answer:"``."""
@@ -117,38 +129,53 @@ class PromptBuilder:
             ids += [HISTORY_SLOT, SEMANTIC_SLOT]
         return ids, [item if i < 0 else 0 for i in ids]
 
-    def prompt_lengths(self, history: torch.Tensor, lengths: torch.Tensor) -> list[int]:
+    def _mark(self, label: float | None) -> list[int]:
+        if self.mark_ids is None or label is None:
+            return []
+        return self.mark_ids[0] if label >= 0.5 else self.mark_ids[1]
+
+    def prompt_lengths(self, history: torch.Tensor, lengths: torch.Tensor,
+                       history_labels: torch.Tensor | None = None) -> list[int]:
         """Token count of each user's prompt, without assembling it (for length-bucketed batches)."""
         static = len(self.head) + 1 + len(self.middle) + len(self.tail)
+        labels = history_labels.tolist() if history_labels is not None else [None] * len(lengths)
         out = []
-        for sequence, length in zip(history.tolist(), lengths.tolist()):
-            recent = sequence[max(0, length - self.history_items):length]
-            items = sum(len(self._item_piece(item)[0]) for item in recent)
+        for sequence, length, row_labels in zip(history.tolist(), lengths.tolist(), labels):
+            start = max(0, length - self.history_items)
+            recent = sequence[start:length]
+            marks = [None] * len(recent) if row_labels is None else row_labels[start:length]
+            items = sum(len(self._item_piece(item)[0]) + len(self._mark(mark)) for item, mark in zip(recent, marks))
             out.append(static + items + len(self.separator) * max(len(recent) - 1, 0))
         return out
 
-    def assemble(self, history: torch.Tensor, lengths: torch.Tensor,
-                 candidates: torch.Tensor | None = None) -> AssembledPrompts:
+    def assemble(self, history: torch.Tensor, lengths: torch.Tensor, candidates: torch.Tensor | None = None,
+                 history_labels: torch.Tensor | None = None) -> AssembledPrompts:
         """Prompts for RecBole item sequences ``history`` [B, L] (right-padded) with ``lengths`` [B].
 
         With ``candidates`` [B] (item ids), each prompt ends with the candidate template naming
-        that item (title and/or soft tokens, as ``prompt_mode`` renders history items).
+        that item (title and/or soft tokens, as ``prompt_mode`` renders history items). With
+        ``history_labels`` [B, L] and marks set (``set_history_marks``), each history item is
+        followed by its liked / disliked word.
         """
         if candidates is not None and not (self.candidate_head or self.candidate_tail):
             raise ValueError("Prompts with candidates need set_candidate_template() first.")
         rows, row_items = [], []
         candidate_list = candidates.tolist() if candidates is not None else [None] * len(lengths)
-        for sequence, length, candidate in zip(history.tolist(), lengths.tolist(), candidate_list):
-            recent = sequence[max(0, length - self.history_items):length]
+        label_list = history_labels.tolist() if history_labels is not None else [None] * len(lengths)
+        for sequence, length, candidate, row_labels in zip(history.tolist(), lengths.tolist(), candidate_list, label_list):
+            start = max(0, length - self.history_items)
+            recent = sequence[start:length]
+            marks = [None] * len(recent) if row_labels is None else row_labels[start:length]
             ids = self.head + [USER_SLOT] + self.middle
             items = [0] * len(ids)
-            for position, item in enumerate(recent):
+            for position, (item, mark) in enumerate(zip(recent, marks)):
                 if position:
                     ids += self.separator
                     items += [0] * len(self.separator)
                 piece, piece_items = self._item_piece(item)
-                ids += piece
-                items += piece_items
+                mark_ids = self._mark(mark)
+                ids += piece + mark_ids
+                items += piece_items + [0] * len(mark_ids)
             ids += self.tail
             items += [0] * len(self.tail)
             if candidate is not None:

@@ -152,11 +152,55 @@ class AlignLLMRec(SequentialRecommender):
             self.answer_head = nn.Linear(llm.hidden_size, 1)  # learned correction of the yes/no margin
             nn.init.zeros_(self.answer_head.weight)
             nn.init.zeros_(self.answer_head.bias)
+            self.HISTORY_LABELS = self.LABEL + config["LIST_SUFFIX"]
+            marks = config["history_label_words"]
+            self.use_history_labels = bool(marks) or bool(config["label_rate_features"])
+            if self.use_history_labels and self.HISTORY_LABELS not in dataset.field2type:
+                raise ValueError(
+                    f"history_label_words / label_rate_features read the labels of the user's history from the field "
+                    f"'{self.HISTORY_LABELS}', which this dataset does not have (is '{self.LABEL}' an interaction field? "
+                    "set threshold or LABEL_FIELD in the dataset YAML), or set both keys to ~ / False."
+                )
+            if marks:
+                self.prompts.set_history_marks(marks, self.tokenizer)
+            self.rate_features = bool(config["label_rate_features"])
+            if self.rate_features:
+                self._init_rate_features(dataset, float(config["rate_prior_strength"]))
         self._eval_item_side: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         instruction = config["instruction_text"] or ""
         self.instruction_ids = self.tokenizer(instruction, add_special_tokens=False, return_tensors="pt")["input_ids"]
         self._instruction_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None
         self._lora = int(config["lora_r"]) > 0
+
+    def _init_rate_features(self, dataset: Any, prior: float) -> None:
+        """Smoothed like rates: the candidate's among training interactions, the user's in their history.
+
+        Labels lean heavily on who rates (some users like nearly everything) and on what is rated;
+        RecBole's LR and FM learn that as user and item biases from many epochs over every pair,
+        which a few thousand LLM samples cannot. Here both rates enter the logit as
+        ``w_user * logit(user rate) + w_item * logit(item rate) + bias``, with the weights starting
+        at 1 and the bias at -logit(global rate) (the naive-Bayes combination), so training starts
+        from a sensible score and the LLM learns what the rates miss.
+        """
+        items = dataset.inter_feat[self.ITEM_ID].long()
+        labels = (dataset.inter_feat[self.LABEL].float() >= 0.5).float()
+        global_rate = float(labels.mean().clamp(0.01, 0.99)) if labels.numel() else 0.5
+        likes = torch.bincount(items, weights=labels, minlength=self.n_items)
+        counts = torch.bincount(items, minlength=self.n_items).float()
+        self.rate_prior, self.global_rate = prior, global_rate
+        self.register_buffer("item_like_rate", (likes + prior * global_rate) / (counts + prior), persistent=False)
+        self.rate_weights = nn.Parameter(torch.ones(2))  # (user, item)
+        with torch.no_grad():
+            self.label_bias.fill_(-torch.logit(torch.tensor(global_rate)).item())
+
+    def _rate_logit(self, item_seq_len: torch.Tensor, history_labels: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+        positions = torch.arange(history_labels.size(1), device=history_labels.device).unsqueeze(0)
+        real = (positions < item_seq_len.unsqueeze(1)).float()
+        liked = ((history_labels >= 0.5).float() * real).sum(1)
+        user_rate = (liked + self.rate_prior * self.global_rate) / (real.sum(1) + self.rate_prior)
+        item_rate = self.item_like_rate[candidates]
+        logits = torch.stack([torch.logit(user_rate, eps=1e-4), torch.logit(item_rate, eps=1e-4)], dim=-1)
+        return logits @ self.rate_weights
 
     # ---- frozen collaborative side ----
     def train(self, mode: bool = True) -> "AlignLLMRec":
@@ -221,10 +265,12 @@ class AlignLLMRec(SequentialRecommender):
         return user * (item_seq_len > 0).unsqueeze(-1)
 
     def prompt_embeddings(self, item_seq: torch.Tensor, item_seq_len: torch.Tensor, user: torch.Tensor,
-                          candidates: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                          candidates: torch.Tensor | None = None,
+                          history_labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(input embeddings [B, T, D] with soft tokens placed, attention mask [B, T], token ids with placeholders)."""
         _, item_ids, fused = self._item_side()
-        prompts = self.prompts.assemble(item_seq.cpu(), item_seq_len.cpu(), None if candidates is None else candidates.cpu())
+        prompts = self.prompts.assemble(item_seq.cpu(), item_seq_len.cpu(), None if candidates is None else candidates.cpu(),
+                                        None if history_labels is None else history_labels.cpu())
         token_ids = prompts.token_ids.to(item_seq.device)
         slot_items = prompts.slot_items.to(item_seq.device)
         embeds = self.embed_tokens(token_ids.clamp(min=0))
@@ -234,11 +280,11 @@ class AlignLLMRec(SequentialRecommender):
         embeds = torch.where((token_ids == SEMANTIC_SLOT).unsqueeze(-1), self.semantic_projector(fused[slot_items]), embeds)
         return embeds, prompts.attention_mask.to(item_seq.device), token_ids
 
-    def _llm_states(self, item_seq: torch.Tensor, item_seq_len: torch.Tensor,
-                    candidates: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def _llm_states(self, item_seq: torch.Tensor, item_seq_len: torch.Tensor, candidates: torch.Tensor | None = None,
+                    history_labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(last hidden state of the prompt [B, D_llm], backbone user vector [B, C]); no vocabulary head."""
         user = self._user_vectors(item_seq, item_seq_len)
-        embeds, mask, _ = self.prompt_embeddings(item_seq, item_seq_len, user, candidates)
+        embeds, mask, _ = self.prompt_embeddings(item_seq, item_seq_len, user, candidates, history_labels)
         if self.is_encoder_decoder:
             return self._encoder_decoder_state(embeds, mask), user
         cache, prefix_length = self._prefix_cache(user)
@@ -269,22 +315,33 @@ class AlignLLMRec(SequentialRecommender):
             query = query + user
         return query @ table.T, query
 
-    def answer_logits(self, item_seq: torch.Tensor, item_seq_len: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+    def answer_logits(self, item_seq: torch.Tensor, item_seq_len: torch.Tensor, candidates: torch.Tensor,
+                      history_labels: torch.Tensor | None = None) -> torch.Tensor:
         """Labeled task: logit of "yes" minus "no" for each (history, candidate) [B], from two rows of
         the LM head only (plus a learned linear correction of that margin from the same state), plus
-        a learned share of the backbone's dot-product score."""
-        state, user = self._llm_states(item_seq, item_seq_len, candidates)
+        a learned share of the backbone's dot-product score and, with ``label_rate_features``, the
+        user's and the candidate's smoothed like rates."""
+        if self.use_history_labels and history_labels is None:
+            raise ValueError(f"This model reads the labels of the history ('{self.HISTORY_LABELS}'); pass history_labels.")
+        state, user = self._llm_states(item_seq, item_seq_len, candidates, history_labels)
         base = self.llm.get_base_model() if self._lora else self.llm
         answer_rows = base.get_output_embeddings().weight[list(self.answer_ids)]  # [2, D]
         yes_no = state @ answer_rows.T
         backbone_score = (user * self._item_side()[0][candidates]).sum(-1)
         margin = yes_no[:, 0] - yes_no[:, 1] + self.answer_head(state).squeeze(-1)
-        return margin + self.backbone_score_weight * backbone_score + self.label_bias
+        logits = margin + self.backbone_score_weight * backbone_score + self.label_bias
+        if self.rate_features:
+            logits = logits + self._rate_logit(item_seq_len, history_labels, candidates)
+        return logits
+
+    def _history_labels(self, interaction: Any) -> torch.Tensor | None:
+        return interaction[self.HISTORY_LABELS] if self.use_history_labels else None
 
     # ---- RecBole interface ----
     def calculate_loss(self, interaction: Any) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         if self.task == "labeled":
-            logits = self.answer_logits(interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN], interaction[self.ITEM_ID])
+            logits = self.answer_logits(interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN], interaction[self.ITEM_ID],
+                                        self._history_labels(interaction))
             return F.binary_cross_entropy_with_logits(logits, interaction[self.LABEL].float())
         scores, query = self._scores_and_query(interaction)
         target = interaction[self.POS_ITEM_ID]
@@ -297,10 +354,12 @@ class AlignLLMRec(SequentialRecommender):
     def predict(self, interaction: Any) -> torch.Tensor:
         if self.task == "labeled":  # P(yes), in micro-batches of llm_micro_batch pairs
             item_seq, lengths, items = interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN], interaction[self.ITEM_ID]
+            labels = self._history_labels(interaction)
+            step = self.micro_batch
             with torch.inference_mode():
-                scores = torch.cat([torch.sigmoid(self.answer_logits(item_seq[i:i + self.micro_batch], lengths[i:i + self.micro_batch],
-                                                                     items[i:i + self.micro_batch]))
-                                    for i in range(0, item_seq.size(0), self.micro_batch)])
+                scores = torch.cat([torch.sigmoid(self.answer_logits(item_seq[i:i + step], lengths[i:i + step], items[i:i + step],
+                                                                     None if labels is None else labels[i:i + step]))
+                                    for i in range(0, item_seq.size(0), step)])
             return scores.clone()
         scores = self.full_sort_predict(interaction)
         return scores.gather(1, interaction[self.ITEM_ID].unsqueeze(1)).squeeze(1)
