@@ -159,3 +159,23 @@ def test_history_labels_and_rate_features_capture_user_tendency(tendency_dataset
     assert blind["test_result"]["auc"] < 0.75  # item choice is random: nothing to learn from without labels
     checkpoint = sorted(Path("saved").glob("AlignLLMRec-*.pth"))[-1]
     assert "rate_weights" in torch.load(checkpoint, weights_only=False)["state_dict"]
+
+
+def test_like_rates_are_smoothed_and_a_training_pair_does_not_see_its_own_label():
+    from types import SimpleNamespace
+
+    from recbole_llmalign.model.align_llmrec import AlignLLMRec
+
+    # item 1: 3 likes of 4 training ratings; prior 2 pseudo-ratings at the global rate 0.5
+    state = SimpleNamespace(item_likes=torch.tensor([0.0, 3.0]), item_counts=torch.tensor([0.0, 4.0]), rate_prior=2.0,
+                            global_rate=0.5, rate_weights=torch.tensor([0.0, 1.0]))  # item term only
+    lengths, history, candidates = torch.tensor([2]), torch.tensor([[1.0, 0.0, 0.0]]), torch.tensor([1])
+    logit = lambda rate: float(torch.logit(torch.tensor(rate)))  # noqa: E731
+    unseen = AlignLLMRec._rate_logit(state, lengths, history, candidates)
+    assert float(unseen) == pytest.approx(logit((3 + 1) / (4 + 2)))
+    own_like = AlignLLMRec._rate_logit(state, lengths, history, candidates, own_labels=torch.tensor([1.0]))
+    assert float(own_like) == pytest.approx(logit((2 + 1) / (3 + 2)))  # its own like removed
+    own_dislike = AlignLLMRec._rate_logit(state, lengths, history, candidates, own_labels=torch.tensor([0.0]))
+    assert float(own_dislike) == pytest.approx(logit((3 + 1) / (3 + 2)))
+    state.rate_weights = torch.tensor([1.0, 0.0])  # user term: 1 like in a 2-item history (the padding is ignored)
+    assert float(AlignLLMRec._rate_logit(state, lengths, history, candidates)) == pytest.approx(logit((1 + 1) / (2 + 2)))

@@ -188,17 +188,24 @@ class AlignLLMRec(SequentialRecommender):
         likes = torch.bincount(items, weights=labels, minlength=self.n_items)
         counts = torch.bincount(items, minlength=self.n_items).float()
         self.rate_prior, self.global_rate = prior, global_rate
-        self.register_buffer("item_like_rate", (likes + prior * global_rate) / (counts + prior), persistent=False)
+        self.register_buffer("item_likes", likes, persistent=False)
+        self.register_buffer("item_counts", counts, persistent=False)
         self.rate_weights = nn.Parameter(torch.ones(2))  # (user, item)
         with torch.no_grad():
             self.label_bias.fill_(-torch.logit(torch.tensor(global_rate)).item())
 
-    def _rate_logit(self, item_seq_len: torch.Tensor, history_labels: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+    def _rate_logit(self, item_seq_len: torch.Tensor, history_labels: torch.Tensor, candidates: torch.Tensor,
+                    own_labels: torch.Tensor | None = None) -> torch.Tensor:
+        """With ``own_labels`` (training pairs) each pair's own label is left out of its item's rate,
+        so the weight is fitted on the rate a new pair will see, not one that contains its answer."""
         positions = torch.arange(history_labels.size(1), device=history_labels.device).unsqueeze(0)
         real = (positions < item_seq_len.unsqueeze(1)).float()
         liked = ((history_labels >= 0.5).float() * real).sum(1)
         user_rate = (liked + self.rate_prior * self.global_rate) / (real.sum(1) + self.rate_prior)
-        item_rate = self.item_like_rate[candidates]
+        likes, counts = self.item_likes[candidates], self.item_counts[candidates]
+        if own_labels is not None:
+            likes, counts = likes - (own_labels >= 0.5).float(), (counts - 1).clamp(min=0)
+        item_rate = (likes.clamp(min=0) + self.rate_prior * self.global_rate) / (counts + self.rate_prior)
         logits = torch.stack([torch.logit(user_rate, eps=1e-4), torch.logit(item_rate, eps=1e-4)], dim=-1)
         return logits @ self.rate_weights
 
@@ -316,7 +323,7 @@ class AlignLLMRec(SequentialRecommender):
         return query @ table.T, query
 
     def answer_logits(self, item_seq: torch.Tensor, item_seq_len: torch.Tensor, candidates: torch.Tensor,
-                      history_labels: torch.Tensor | None = None) -> torch.Tensor:
+                      history_labels: torch.Tensor | None = None, own_labels: torch.Tensor | None = None) -> torch.Tensor:
         """Labeled task: logit of "yes" minus "no" for each (history, candidate) [B], from two rows of
         the LM head only (plus a learned linear correction of that margin from the same state), plus
         a learned share of the backbone's dot-product score and, with ``label_rate_features``, the
@@ -331,7 +338,7 @@ class AlignLLMRec(SequentialRecommender):
         margin = yes_no[:, 0] - yes_no[:, 1] + self.answer_head(state).squeeze(-1)
         logits = margin + self.backbone_score_weight * backbone_score + self.label_bias
         if self.rate_features:
-            logits = logits + self._rate_logit(item_seq_len, history_labels, candidates)
+            logits = logits + self._rate_logit(item_seq_len, history_labels, candidates, own_labels)
         return logits
 
     def _history_labels(self, interaction: Any) -> torch.Tensor | None:
@@ -340,9 +347,10 @@ class AlignLLMRec(SequentialRecommender):
     # ---- RecBole interface ----
     def calculate_loss(self, interaction: Any) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         if self.task == "labeled":
+            labels = interaction[self.LABEL].float()
             logits = self.answer_logits(interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN], interaction[self.ITEM_ID],
-                                        self._history_labels(interaction))
-            return F.binary_cross_entropy_with_logits(logits, interaction[self.LABEL].float())
+                                        self._history_labels(interaction), own_labels=labels)
+            return F.binary_cross_entropy_with_logits(logits, labels)
         scores, query = self._scores_and_query(interaction)
         target = interaction[self.POS_ITEM_ID]
         loss = F.cross_entropy(scores, target)
