@@ -14,8 +14,9 @@ encodes item text into a fresh cache (``text_sec`` = encoding time); later runs 
     python benchmarks/align_sasrec.py --dataset=ml-100k --baseline-budget=600 --align-budget=300 --with-prefix
     python benchmarks/align_sasrec.py --dataset=amazon-mi-reviews --baseline-budget=90 --align-budget=90 --with-prefix --with-no-reviews
     # the anchor with lighter dropout (ml-1m is dense), AlignSASRec rows only
-    python benchmarks/align_sasrec.py --dataset=ml-1m --skip-baselines --settings=id_only,default --align-budget=900 \
-        --set hidden_dropout_prob=0.2 --set attn_dropout_prob=0.2 --name=align_sasrec_ml1m_dropout02 \
+    # dropout 0.2 (ml-1m is dense) for SASRec and AlignSASRec alike; GRU4Rec copied from the run above
+    python benchmarks/align_sasrec.py --dataset=ml-1m --baselines=SASRec --settings=default,id_only --baseline-budget=1000 \
+        --align-budget=600 --set hidden_dropout_prob=0.2 --set attn_dropout_prob=0.2 --name=align_sasrec_ml1m_dropout02 \
         --baselines-from=benchmarks/results/align_sasrec_ml1m.csv
 """
 
@@ -86,7 +87,8 @@ def main() -> None:
     parser.add_argument("--with-prefix", action="store_true", help="also train AlignSASRec in prefix mode")
     parser.add_argument("--with-no-reviews", action="store_true",
                         help="also train AlignSASRec with review_field off (metadata only; for datasets with reviews)")
-    parser.add_argument("--skip-baselines", action="store_true")
+    parser.add_argument("--skip-baselines", action="store_true", help="same as --baselines=''")
+    parser.add_argument("--baselines", default="SASRec,GRU4Rec", help="RecBole models run beside AlignSASRec (comma list)")
     parser.add_argument("--baselines-from", default=None, metavar="CSV",
                         help="with --skip-baselines: take the SASRec/GRU4Rec rows from an earlier run's CSV (named in the table)")
     parser.add_argument("--settings", default=",".join(ABLATIONS), help="AlignSASRec rows to run, from: " + ", ".join(ABLATIONS))
@@ -119,7 +121,8 @@ def main() -> None:
              f"(all_positions runs default and id_only), {ablation_budget:.0f} s (other ablations); one process per run, {os.environ.get('OMP_NUM_THREADS', '2')} CPU threads"
              + (f"; every run with {', '.join(f'{k}={v}' for k, v in overrides.items())}" if overrides else "") + ".\n\n")
     if args.baselines_from:
-        setup += f"SASRec and GRU4Rec rows: copied from the earlier run {Path(args.baselines_from).name} (same split and seed).\n\n"
+        copied = [m for m in ("SASRec", "GRU4Rec") if args.skip_baselines or m not in args.baselines.split(",")]
+        setup += f"{' and '.join(copied)} rows: copied from the earlier run {Path(args.baselines_from).name} (same split and seed).\n\n"
     if args.from_csv:
         dataset, records = report.records_from_csv(RESULTS / f"{name}.csv")
         report.write_comparison(records, dataset, RESULTS, name,
@@ -131,7 +134,8 @@ def main() -> None:
     shared = {"epochs": 300, "seed": 2020, "show_progress": False, "valid_metric": "NDCG@10", "stopping_step": 10,
               "metrics": ["Recall", "NDCG", "Hit"], "topk": [10], "cold_item_threshold": 5,
               "text_cache_dir": str(cache_dir), "train_time_budget": args.baseline_budget, **overrides}
-    runs = [] if args.skip_baselines else [("SASRec", "default", {}), ("GRU4Rec", "default", {})]
+    baselines = [] if args.skip_baselines else [m for m in args.baselines.split(",") if m]
+    runs = [(model, "default", {}) for model in baselines]
     runs += [("AlignSASRec", setting,
               {**settings, "train_time_budget": args.align_budget if setting in ("default", "id_only") else ablation_budget})
              for setting, settings in ABLATIONS.items() if setting in args.settings.split(",")]
@@ -142,7 +146,7 @@ def main() -> None:
     records = compare(runs, args.dataset, config_dict=shared, output_dir=RESULTS, name=name)
     if args.baselines_from:
         _, earlier = report.records_from_csv(Path(args.baselines_from))
-        records = [r for r in earlier if r["model"] in ("SASRec", "GRU4Rec")] + records
+        records = [r for r in earlier if r["model"] in ("SASRec", "GRU4Rec") and r["model"] not in baselines] + records
     preface = setup + summary(records, args.dataset) + reference_table(args.dataset, records)
     report.write_comparison(records, args.dataset, RESULTS, name, preface=preface)
     print((RESULTS / f"{name}.md").read_text())
