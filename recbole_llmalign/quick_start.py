@@ -40,6 +40,7 @@ class RunCost:
     peak_mem_mb: float = 0.0
     checkpoint: str = ""
     extra: dict[str, float] = field(default_factory=dict)
+    valid_curve: list[tuple[float, float]] = field(default_factory=list)  # (seconds since training start, valid score)
 
 
 def peak_memory_mb(device: torch.device | None = None) -> float:
@@ -125,6 +126,7 @@ def run_with_cost(
         eval_sec=eval_sec,
         peak_mem_mb=peak_memory_mb(config["device"]),
         checkpoint=trainer.saved_model_file if has_best_checkpoint else "",
+        valid_curve=list(getattr(trainer, "valid_curve", [])),
         extra={"text_sec": float(getattr(model_obj, "text_seconds", 0.0)),
                "train_samples": float(getattr(trainer, "training_samples", len(train_data._dataset))),
                **{k: float(v) for k, v in getattr(model_obj, "cost_report", {}).items()}},

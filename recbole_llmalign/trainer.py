@@ -43,6 +43,7 @@ class RunControlsMixin:
         self.train_time_budget: float | None = float(budget) if budget else None
         self.epoch_train_seconds: list[float] = []
         self.valid_seconds: list[float] = []
+        self.valid_curve: list[tuple[float, float]] = []  # (seconds since fit start, valid score) per validation
         self.time_to_best: float = 0.0  # seconds from fit start to the end of the best validation
         self.best_epoch: int = 0
         self._fit_started: float | None = None
@@ -70,6 +71,8 @@ class RunControlsMixin:
         self.valid_seconds.append(now - start)
         score, best = result[0], self.best_valid_score  # type: ignore[attr-defined]
         improved = score >= best if self.valid_metric_bigger else score <= best  # type: ignore[attr-defined]
+        if self._fit_started is not None:
+            self.valid_curve.append((now - self._fit_started, float(score)))
         if improved and self._fit_started is not None:
             self.time_to_best = now - self._fit_started
             self.best_epoch = len(self.epoch_train_seconds)

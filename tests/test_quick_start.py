@@ -56,9 +56,13 @@ def test_sequential_model_beats_pop_on_a_cyclic_fixture(cyclic_dataset):
     """The pipeline really trains: next = current + 1 is learnable, popularity is flat."""
     data_path, name = cyclic_dataset
     pop, _ = run_with_cost("Pop", name, config_dict=cyclic_config(data_path))
-    gru, _ = run_with_cost("GRU4Rec", name, config_dict=cyclic_config(data_path, epochs=25))
+    gru, cost = run_with_cost("GRU4Rec", name, config_dict=cyclic_config(data_path, epochs=25))
     assert gru["test_result"]["ndcg@5"] > 0.5
     assert gru["test_result"]["ndcg@5"] > 3 * pop["test_result"]["ndcg@5"]
+    # one (seconds, valid score) point per validated epoch, in time order, ending at or below the best score
+    times, scores = zip(*cost.valid_curve)
+    assert len(cost.valid_curve) == cost.epochs and list(times) == sorted(times)
+    assert max(scores) == pytest.approx(gru["best_valid_result"]["ndcg@5"])
 
 
 def test_compare_writes_table_csv_and_chart_on_one_protocol(cyclic_dataset, tmp_path):
