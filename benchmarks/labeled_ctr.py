@@ -58,7 +58,10 @@ def main() -> None:
     parser.add_argument("--llm-epochs", type=int, default=1)
     parser.add_argument("--models", default="LR,FM,DeepFM,DIN,AlignSASRec,AlignLLMRec")
     parser.add_argument("--llm-settings", default="labeled,no_history_labels",
-                        help="AlignLLMRec rows: labeled (YAML defaults), no_history_labels (history unmarked, no like-rate features)")
+                        help="AlignLLMRec rows: labeled (YAML defaults), no_history_labels (history unmarked, no like-rate "
+                             "features), rates_only (like rates and backbone score, no LLM pass)")
+    parser.add_argument("--merge", default=None, metavar="CSV",
+                        help="add this run's rows to an earlier run's CSV of the same table (rows of the same model and setting are replaced)")
     parser.add_argument("--name", default=None)
     args = parser.parse_args()
     sys.argv = sys.argv[:1]  # RecBole's Config reads --key=value from argv: the script's own flags must not reach it
@@ -90,18 +93,23 @@ def main() -> None:
                "train_time_budget": None, "eval_batch_size": 256, "epochs": args.llm_epochs}
         if backbone:
             llm["backbone_checkpoint"] = backbone
-        settings = {"labeled": {}, "no_history_labels": {"history_label_words": None, "label_rate_features": False}}
+        settings = {"labeled": {}, "no_history_labels": {"history_label_words": None, "label_rate_features": False},
+                    "rates_only": {"answer_from_llm": False}}
         records += compare([("AlignLLMRec", setting, {**llm, **settings[setting]}) for setting in args.llm_settings.split(",")],
                            name, [str(CTR_YAML)], config_dict=shared, output_dir=RESULTS, name=table + "_partial")
     for suffix in (".md", ".csv", ".png"):
         (RESULTS / f"{table}_partial{suffix}").unlink(missing_ok=True)
+    if args.merge:
+        merged = {(r["model"], r["setting"]): r for r in report.records_from_csv(Path(args.merge))[1]}
+        merged.update({(r["model"], r["setting"]): r for r in records})
+        records = list(merged.values())
     setup = (f"Dataset {name} ({args.users or 'all'} random users of ml-1m-ctr, all their ratings): label = rating >= 4, "
              "5-core, global time-ordered 80/10/10 split, labeled evaluation. Non-LLM models: RecBole defaults, "
              f"{args.baseline_budget:.0f} s budget, early stopping 5 on valid AUC; AlignSASRec trained on the same "
              f"sequences (all_positions, its CE next-item loss) and scored by dot product; AlignLLMRec: SmolLM2-135M first "
              f"{args.llm_layers} layers, yes/no head, {args.llm_samples:g} training pairs, {args.llm_epochs} epoch(s); `labeled` marks each "
              "history item liked/disliked and adds the user's and the candidate's smoothed like rates, `no_history_labels` "
-             "does neither. Warm / cold: test "
+             "does neither, `rates_only` scores with the like rates and the backbone's dot product alone (no LLM pass). Warm / cold: test "
              f"candidates with more than / at most 5 training interactions; {os.environ.get('OMP_NUM_THREADS', '2')} CPU threads.\n\n")
     report.write_comparison(records, name, RESULTS, table, preface=setup + summary(records) + auc_table(records))
     print((RESULTS / f"{table}.md").read_text())

@@ -137,7 +137,8 @@ def read_csv(path: Path) -> list[dict[str, str]]:
 def records_from_csv(path: Path) -> tuple[str, list[dict[str, Any]]]:
     """(dataset, records) rebuilt from a long-form CSV, in first-appearance order, for re-rendering tables."""
     cost_metrics = {metric for _, metric in COST_ROWS}
-    split_keys = {"valid": "best_valid_result", "test": "test_result", "test_cold": "test_cold_result"}
+    split_keys = {"valid": "best_valid_result", "test": "test_result", "test_cold": "test_cold_result",
+                  "test_warm": "test_warm_result"}
     records: dict[tuple[str, str], dict[str, Any]] = {}
     dataset = ""
     for row in read_csv(path):

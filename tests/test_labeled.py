@@ -155,7 +155,9 @@ def test_history_labels_and_rate_features_capture_user_tendency(tendency_dataset
         data_path, history_label_words=None, label_rate_features=False, **common))
     informed, _ = run_with_cost("AlignLLMRec", name, config_dict=_labeled_config(
         data_path, history_label_words=["yes", "no"], label_rate_features=True, **common))
+    rates_only, _ = run_with_cost("AlignLLMRec", name, config_dict=_labeled_config(data_path, answer_from_llm=False, **common))
     assert informed["test_result"]["auc"] > 0.95  # the user's like rate separates the two groups at once
+    assert rates_only["test_result"]["auc"] > 0.95  # ... with or without the LLM pass
     assert blind["test_result"]["auc"] < 0.75  # item choice is random: nothing to learn from without labels
     checkpoint = sorted(Path("saved").glob("AlignLLMRec-*.pth"))[-1]
     assert "rate_weights" in torch.load(checkpoint, weights_only=False)["state_dict"]

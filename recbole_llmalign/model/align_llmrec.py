@@ -164,6 +164,9 @@ class AlignLLMRec(SequentialRecommender):
             if marks:
                 self.prompts.set_history_marks(marks, self.tokenizer)
             self.rate_features = bool(config["label_rate_features"])
+            self.answer_from_llm = config["answer_from_llm"] is not False
+            if not self.answer_from_llm and not self.rate_features:
+                raise ValueError("answer_from_llm: False scores with the like rates only; it needs label_rate_features: True.")
             if self.rate_features:
                 self._init_rate_features(dataset, float(config["rate_prior_strength"]))
         self._eval_item_side: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
@@ -330,12 +333,16 @@ class AlignLLMRec(SequentialRecommender):
         user's and the candidate's smoothed like rates."""
         if self.use_history_labels and history_labels is None:
             raise ValueError(f"This model reads the labels of the history ('{self.HISTORY_LABELS}'); pass history_labels.")
-        state, user = self._llm_states(item_seq, item_seq_len, candidates, history_labels)
-        base = self.llm.get_base_model() if self._lora else self.llm
-        answer_rows = base.get_output_embeddings().weight[list(self.answer_ids)]  # [2, D]
-        yes_no = state @ answer_rows.T
+        if self.answer_from_llm:
+            state, user = self._llm_states(item_seq, item_seq_len, candidates, history_labels)
+            base = self.llm.get_base_model() if self._lora else self.llm
+            answer_rows = base.get_output_embeddings().weight[list(self.answer_ids)]  # [2, D]
+            yes_no = state @ answer_rows.T
+            margin = yes_no[:, 0] - yes_no[:, 1] + self.answer_head(state).squeeze(-1)
+        else:  # ablation: the collaborative terms alone, no LLM pass
+            user = self._user_vectors(item_seq, item_seq_len)
+            margin = torch.zeros_like(user[:, 0])
         backbone_score = (user * self._item_side()[0][candidates]).sum(-1)
-        margin = yes_no[:, 0] - yes_no[:, 1] + self.answer_head(state).squeeze(-1)
         logits = margin + self.backbone_score_weight * backbone_score + self.label_bias
         if self.rate_features:
             logits = logits + self._rate_logit(item_seq_len, history_labels, candidates, own_labels)
