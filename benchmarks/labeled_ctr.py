@@ -18,6 +18,7 @@ import argparse
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CTR_YAML = Path(__file__).resolve().parents[1] / "recbole_llmalign" / "properties" / "dataset" / "ml-1m-ctr.yaml"
@@ -45,37 +46,22 @@ def summary(records: list[dict]) -> str:
         return ""
     best = max(baselines, key=lambda r: r["result"]["test_result"]["auc"])
     gap = llm["result"]["test_result"]["auc"] - best["result"]["test_result"]["auc"]
-    return (f"- AlignLLMRec test AUC {llm['result']['test_result']['auc']:.4f} vs best baseline {best['model']} "
-            f"{best['result']['test_result']['auc']:.4f}: {gap:+.4f} (goal >= +0.01)\n\n")
+    lines = [f"- AlignLLMRec test AUC {llm['result']['test_result']['auc']:.4f} vs best baseline {best['model']} "
+             f"{best['result']['test_result']['auc']:.4f}: {gap:+.4f} (goal >= +0.01)"]
+    rates = next((r for r in records if r["model"] == "AlignLLMRec" and r["setting"] == "rates_only"), None)
+    if rates and llm is not rates:
+        deltas = []
+        for split, key in (("test", "test_result"), ("cold", "test_cold_result")):
+            a, b = llm["result"].get(key) or {}, rates["result"].get(key) or {}
+            deltas += [f"{split} {metric.upper()} {a[metric] - b[metric]:+.4f}" for metric in ("auc", "uauc") if metric in a and metric in b]
+        lines.append(f"- what the LLM pass adds over the like rates alone (`{llm['setting']}` - `rates_only`): " + ", ".join(deltas))
+    return "\n".join(lines) + "\n\n"
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--users", type=int, default=1000, help="random users kept (0 = all 6,040)")
-    parser.add_argument("--baseline-budget", type=float, default=300, help="train_time_budget of every non-LLM model, s")
-    parser.add_argument("--llm-samples", type=float, default=5000, help="AlignLLMRec train_sample_budget (count or fraction)")
-    parser.add_argument("--llm-layers", type=int, default=8)
-    parser.add_argument("--llm-epochs", type=int, default=1)
-    parser.add_argument("--models", default="LR,FM,DeepFM,DIN,AlignSASRec,AlignLLMRec")
-    parser.add_argument("--llm-settings", default="labeled,no_history_labels",
-                        help="AlignLLMRec rows: labeled (YAML defaults), no_history_labels (history unmarked, no like-rate "
-                             "features), rates_only (like rates and backbone score, no LLM pass)")
-    parser.add_argument("--merge", default=None, metavar="CSV",
-                        help="add this run's rows to an earlier run's CSV of the same table (rows of the same model and setting are replaced)")
-    parser.add_argument("--name", default=None)
-    args = parser.parse_args()
-    sys.argv = sys.argv[:1]  # RecBole's Config reads --key=value from argv: the script's own flags must not reach it
-
-    from subsample import subsample_users
-
+def run(args: argparse.Namespace, name: str, data_root: Path, table: str, compare: Any) -> list[dict]:
+    """Train and evaluate every requested model on the prepared dataset ``name``; returns the records."""
     from recbole_llmalign import report
-    from recbole_llmalign.data.datasets import materialize_ml1m
-    from recbole_llmalign.quick_start import compare
 
-    data_root = Path("dataset")
-    materialize_ml1m(data_root / "ml-1m-ctr", "ml-1m-ctr")
-    name = subsample_users(data_root / "ml-1m-ctr", "ml-1m-ctr", args.users, 2020, data_root) if args.users else "ml-1m-ctr"
-    table = args.name or f"labeled_ctr_ml1m{'_u' + str(args.users) if args.users else ''}"
     shared = {"data_path": str(data_root), "seed": 2020, "epochs": 300, "stopping_step": 5, "show_progress": False,
               "train_neg_sample_args": None, "train_time_budget": args.baseline_budget, "MAX_ITEM_LIST_LENGTH": 50,
               "cold_item_threshold": 5}
@@ -103,6 +89,41 @@ def main() -> None:
         merged = {(r["model"], r["setting"]): r for r in report.records_from_csv(Path(args.merge))[1]}
         merged.update({(r["model"], r["setting"]): r for r in records})
         records = list(merged.values())
+    return records
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--users", type=int, default=1000, help="random users kept (0 = all 6,040)")
+    parser.add_argument("--baseline-budget", type=float, default=300, help="train_time_budget of every non-LLM model, s")
+    parser.add_argument("--llm-samples", type=float, default=5000, help="AlignLLMRec train_sample_budget (count or fraction)")
+    parser.add_argument("--llm-layers", type=int, default=8)
+    parser.add_argument("--llm-epochs", type=int, default=1)
+    parser.add_argument("--models", default="LR,FM,DeepFM,DIN,AlignSASRec,AlignLLMRec")
+    parser.add_argument("--llm-settings", default="labeled,no_history_labels",
+                        help="AlignLLMRec rows: labeled (YAML defaults), no_history_labels (history unmarked, no like-rate "
+                             "features), rates_only (like rates and backbone score, no LLM pass)")
+    parser.add_argument("--merge", default=None, metavar="CSV",
+                        help="add this run's rows to an earlier run's CSV of the same table (rows of the same model and setting are replaced)")
+    parser.add_argument("--name", default=None)
+    parser.add_argument("--from-csv", action="store_true", help="only re-render the table from results/<name>.csv")
+    args = parser.parse_args()
+    sys.argv = sys.argv[:1]  # RecBole's Config reads --key=value from argv: the script's own flags must not reach it
+
+    from subsample import subsample_users
+
+    from recbole_llmalign import report
+    from recbole_llmalign.data.datasets import materialize_ml1m
+    from recbole_llmalign.quick_start import compare
+
+    data_root = Path("dataset")
+    table = args.name or f"labeled_ctr_ml1m{'_u' + str(args.users) if args.users else ''}"
+    if args.from_csv:
+        name, records = report.records_from_csv(RESULTS / f"{table}.csv")
+    else:
+        materialize_ml1m(data_root / "ml-1m-ctr", "ml-1m-ctr")
+        name = subsample_users(data_root / "ml-1m-ctr", "ml-1m-ctr", args.users, 2020, data_root) if args.users else "ml-1m-ctr"
+        records = run(args, name, data_root, table, compare)
     setup = (f"Dataset {name} ({args.users or 'all'} random users of ml-1m-ctr, all their ratings): label = rating >= 4, "
              "5-core, global time-ordered 80/10/10 split, labeled evaluation. Non-LLM models: RecBole defaults, "
              f"{args.baseline_budget:.0f} s budget, early stopping 5 on valid AUC; AlignSASRec trained on the same "

@@ -33,6 +33,8 @@ def long_rows(record: dict[str, Any], dataset: str) -> list[list[Any]]:
             rows.append([dataset, model, setting, split, metric, float(record["cost"][metric])])
     for metric, value in (record["cost"].get("extra") or {}).items():
         rows.append([dataset, model, setting, "train", metric, float(value)])
+    for seconds, score in record["cost"].get("valid_curve") or []:  # split valid_curve: the valid score after `seconds` of training
+        rows.append([dataset, model, setting, "valid_curve", f"score_at_{float(seconds):.1f}s", float(score)])
     return rows
 
 
@@ -146,6 +148,10 @@ def records_from_csv(path: Path) -> tuple[str, list[dict[str, Any]]]:
         record = records.setdefault((row["model"], row["setting"]), {
             "model": row["model"], "setting": row["setting"], "result": {}, "cost": {"extra": {}}})
         value = float(row["value"])
+        if row["split"] == "valid_curve":
+            seconds = float(row["metric"].removeprefix("score_at_").removesuffix("s"))
+            record["cost"].setdefault("valid_curve", []).append((seconds, value))
+            continue
         if row["metric"] in cost_metrics and row["split"] in ("train", "test") and (row["split"], row["metric"]) in COST_ROWS:
             record["cost"][row["metric"]] = int(value) if row["metric"] in ("epochs", "best_epoch") else value
         elif row["split"] == "train":

@@ -83,6 +83,10 @@ def test_compare_writes_table_csv_and_chart_on_one_protocol(cyclic_dataset, tmp_
 
     dataset, rebuilt = report.records_from_csv(tmp_path / "out" / "cmp.csv")
     assert dataset == name and report.markdown_table(rebuilt) == report.markdown_table(records)
+    gru = records[1]["cost"]["valid_curve"]  # the valid curve survives the CSV (seconds to 0.1 s)
+    assert len(gru) == records[1]["cost"]["epochs"] >= 1
+    assert [score for _, score in rebuilt[1]["cost"]["valid_curve"]] == pytest.approx([score for _, score in gru])
+    assert [t for t, _ in rebuilt[1]["cost"]["valid_curve"]] == pytest.approx([t for t, _ in gru], abs=0.06)
     table = (tmp_path / "out" / "cmp.md").read_text()
     assert "| Pop |" in table and "| GRU4Rec |" in table
     assert (tmp_path / "out" / "cmp.png").stat().st_size > 5000
