@@ -13,7 +13,6 @@ encodes item text into a fresh cache (``text_sec`` = encoding time); later runs 
     python benchmarks/align_sasrec.py --dataset=amazon-games --baseline-budget=1800 --align-budget=900
     python benchmarks/align_sasrec.py --dataset=ml-100k --baseline-budget=600 --align-budget=300 --with-prefix
     python benchmarks/align_sasrec.py --dataset=amazon-mi-reviews --baseline-budget=90 --align-budget=90 --with-prefix --with-no-reviews
-    # the anchor with lighter dropout (ml-1m is dense), AlignSASRec rows only
     # dropout 0.2 (ml-1m is dense) for SASRec and AlignSASRec alike; GRU4Rec copied from the run above
     python benchmarks/align_sasrec.py --dataset=ml-1m --baselines=SASRec --settings=default,id_only --baseline-budget=1000 \
         --align-budget=600 --set hidden_dropout_prob=0.2 --set attn_dropout_prob=0.2 --name=align_sasrec_ml1m_dropout02 \
