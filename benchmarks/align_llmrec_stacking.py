@@ -13,6 +13,7 @@ itself). Metrics: NDCG@10, Recall@10, HitRate@100, cold slice.
 
     python benchmarks/align_llmrec_stacking.py --dataset=ml-100k --holdout=1 --llm-epochs=5
     python benchmarks/align_llmrec_stacking.py --dataset=ml-1m --holdout=1 --llm-epochs=3 --backbone-epochs=15 --skip-guarded
+    python benchmarks/align_llmrec_stacking.py --dataset=ml-1m --holdout=1 --llm-epochs=3 --backbone-epochs=15 --skip-guarded --seed=2021
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ def main() -> None:
     parser.add_argument("--skip-guarded", action="store_true",
                         help="train only stacked_trained: stacked trains identically and differs only by keeping the start when "
                              "no epoch beats it on valid, i.e. it is backbone_holdout or stacked_trained, whichever validates higher")
+    parser.add_argument("--seed", type=int, default=2020, help="RecBole seed of every row (backbone init, sample order)")
     parser.add_argument("--name", default=None)
     args = parser.parse_args()
     sys.argv = sys.argv[:1]  # RecBole's Config reads --key=value from argv: the script's own flags must not reach it
@@ -56,8 +58,8 @@ def main() -> None:
     from recbole_llmalign import report
     from recbole_llmalign.quick_start import compare
 
-    name = args.name or f"align_llmrec_stacking_{args.dataset.replace('-', '')}"
-    shared = {"seed": 2020, "show_progress": False, "metrics": ["Recall", "NDCG", "Hit"], "topk": [10, 100],
+    name = args.name or f"align_llmrec_stacking_{args.dataset.replace('-', '')}" + ("" if args.seed == 2020 else f"_seed{args.seed}")
+    shared = {"seed": args.seed, "show_progress": False, "metrics": ["Recall", "NDCG", "Hit"], "topk": [10, 100],
               "valid_metric": "NDCG@10", "stopping_step": 10, "cold_item_threshold": 5}
     backbones = compare([("AlignSASRec", "backbone", {"epochs": args.backbone_epochs}),
                          ("AlignSASRec", "backbone_holdout", {"epochs": args.backbone_epochs, "holdout_last_targets": args.holdout})],
@@ -71,7 +73,7 @@ def main() -> None:
                                   args.dataset, config_dict=shared, output_dir=RESULTS, name=name + "_llm")
     for suffix in (".md", ".csv", ".png"):
         (RESULTS / f"{name}_llm{suffix}").unlink(missing_ok=True)
-    setup = (f"Dataset {args.dataset}; seed 2020; AlignSASRec defaults (all_positions), {args.backbone_epochs} epochs max; "
+    setup = (f"Dataset {args.dataset}; seed {args.seed}; AlignSASRec defaults (all_positions), {args.backbone_epochs} epochs max; "
              f"backbone_holdout leaves each user's last {args.holdout} training target(s) out of the loss. AlignLLMRec: YAML "
              f"defaults (SmolLM2-135M, 8 layers), trained {args.llm_epochs} epochs at lr {args.learning_rate:g} on the held-out "
              f"samples only; {os.environ.get('OMP_NUM_THREADS', '2')} CPU threads.\n\n")
