@@ -97,7 +97,8 @@ def main() -> None:
     llm_overrides = {key: value for key, value in (("train_sample_budget", args.sample_budget), ("epochs", args.llm_epochs))
                      if value is not None}
     setup = (f"Dataset {args.dataset}; seed 2020; leave-one-out full ranking; SASRec budget {args.baseline_budget:.0f} s; "
-             f"backbone: AlignSASRec defaults, {backbone_epochs} epochs max (early stopping); AlignLLMRec: "
+             f"backbone: AlignSASRec defaults, {backbone_epochs} epochs max (early stopping), each user's last "
+             f"{defaults['holdout_last_targets']} training target(s) held out; AlignLLMRec: "
              f"AlignLLMRec.yaml defaults (llm_layers {defaults['llm_layers']}, {defaults['epochs']} epoch(s), sample budget "
              f"{llm_overrides.get('train_sample_budget', defaults['train_sample_budget'])}) {llm_overrides or ''}, "
              "every setting on the same frozen backbone checkpoint; one process per run, 2 CPU threads.\n\n")
@@ -105,7 +106,8 @@ def main() -> None:
     records = []
     checkpoint = args.backbone_checkpoint
     if checkpoint is None:
-        first = [("AlignSASRec", "backbone", {"epochs": backbone_epochs})]
+        holdout = int(defaults["holdout_last_targets"] or 0)  # the automatic backbone's recipe: stacking holds these out
+        first = [("AlignSASRec", "backbone", {"epochs": backbone_epochs, "holdout_last_targets": holdout})]
         if not args.skip_sasrec:
             first.insert(0, ("SASRec", "default", {"train_time_budget": args.baseline_budget}))
         records = compare(first, args.dataset, config_dict=shared, output_dir=partial, name=name)

@@ -156,6 +156,10 @@ def ensure_backbone(config: Any, config_file_list: list[str] | None = None) -> N
                                                        config_dict={"data_path": config["data_path"]}).internal_config_dict)
     shared = {k: v for k, v in config.external_config_dict.items() if k not in own_keys | {"model"}}
     shared.update(data_path=str(Path(config["data_path"]).parent), epochs=int(config["backbone_epochs"]), show_progress=False)
+    from recbole_llmalign.trainer import stacking_holdout
+
+    if stacking_holdout(config):  # stacking (a YAML default, so not among the user's own keys): the backbone holds them out
+        shared["holdout_last_targets"] = stacking_holdout(config)
     key = hashlib.sha256(json.dumps({"dataset": config["dataset"], **shared}, sort_keys=True, default=str).encode()).hexdigest()[:16]
     target = Path(config["checkpoint_dir"]) / "backbones" / f"{backbone_model}-{config['dataset']}-{key}.pth"
     if not target.is_file():

@@ -201,6 +201,17 @@ def all_positions_index(user_ids: np.ndarray, window: int, holdout: int = 0) -> 
     return np.flatnonzero((distance >= 0) & (distance % window == 0))
 
 
+def stacking_holdout(config: Any) -> int:
+    """Last training targets per user that AlignLLMRec's backbone holds out and AlignLLMRec trains on.
+
+    Stacking is a ranking recipe: labeled pairs (``task: labeled``) carry negatives and labels, and
+    their backbone scores them as features, so there it is always 0.
+    """
+    if (config["task"] or "ranking") != "ranking":
+        return 0
+    return int(config["holdout_last_targets"] or 0)
+
+
 class AlignSASRecTrainer(RunControlsMixin, Trainer):
     """RecBole's Trainer; in ``all_positions`` mode it trains on one window per user span."""
 
@@ -278,12 +289,18 @@ class AlignLLMRecTrainer(RunControlsMixin, Trainer):
             histories = dataset.inter_feat[dataset.iid_field + config["LIST_SUFFIX"]].numpy()
             candidates = denoise_mask(histories, targets, words)
             self.logger.info(f"denoising kept {int(candidates.sum())} of {len(targets)} samples.")
-        holdout = int(config["holdout_last_targets"] or 0)
+        holdout = stacking_holdout(config)
         if holdout > 0:  # stacking: train on the targets the backbone never saw as targets
             users = dataset.inter_feat[dataset.uid_field].numpy()
             held = distance_to_user_end(users) < holdout
             candidates = held if candidates is None else candidates & held
             self.logger.info(f"holdout_last_targets={holdout}: {int(held.sum())} held-out samples are the candidates.")
+            trained_holdout = getattr(getattr(self.model, "backbone", None), "trained_holdout", holdout)
+            if trained_holdout < holdout:
+                self.logger.warning(
+                    f"backbone_checkpoint was trained with holdout_last_targets={trained_holdout}, so it has fit the "
+                    f"{holdout} held-out target(s) per user this model trains on, and stacking loses its point. Train the "
+                    f"backbone with --holdout_last_targets={holdout}, or leave backbone_checkpoint empty to have it trained so.")
         buckets = int(config["diversity_buckets"])
         return diversity_sample(lengths, targets, budget_rows, buckets, buckets, seed=int(config["seed"]),
                                 candidates=candidates)

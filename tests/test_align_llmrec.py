@@ -171,10 +171,10 @@ def test_runs_through_recbole_trainer_and_reloads_its_small_best_checkpoint(trai
 
     data_path, name, checkpoint = trained_backbone
     config = cyclic_config(data_path, item_text_fields=["title", "genre"], backbone_checkpoint=checkpoint,
-                           llm_path=str(tiny_llama_dir), llm_layers=2, train_batch_size=64, epochs=2)
+                           llm_path=str(tiny_llama_dir), llm_layers=2, train_batch_size=64, epochs=2, holdout_last_targets=0)
     result, cost = run_with_cost("AlignLLMRec", name, config_dict=config)
     assert cost.epochs == 2 and 0 <= result["test_result"]["ndcg@5"] <= 1
-    assert cost.extra["train_samples"] == 132  # 10% of the 1,320 prefix samples the backbone trains on
+    assert cost.extra["train_samples"] == 132  # without stacking: 10% of the 1,320 prefix samples the backbone trains on
     saved = sorted(Path("saved").glob("AlignLLMRec-*.pth"))[-1]
     backbone_size = Path(checkpoint).stat().st_size
     assert saved.stat().st_size < backbone_size + 200_000  # trainables + config, no LLM copy
@@ -231,7 +231,7 @@ def test_backbone_is_trained_once_and_reused_when_no_checkpoint_is_given(cyclic_
     assert result["test_result"] == first["test_result"]  # training the backbone first does not shift the seed
 
 
-def test_stacking_backbone_holds_out_last_targets_and_alignllmrec_trains_on_them(cyclic_dataset, tiny_llama_dir):
+def test_by_default_the_automatic_backbone_holds_out_last_targets_and_alignllmrec_trains_on_them(cyclic_dataset, tiny_llama_dir):
     from pathlib import Path
 
     from recbole_llmalign.compat import load_checkpoint
@@ -239,11 +239,36 @@ def test_stacking_backbone_holds_out_last_targets_and_alignllmrec_trains_on_them
 
     data_path, name = cyclic_dataset
     config = cyclic_config(data_path, item_text_fields=["title", "genre"], llm_path=str(tiny_llama_dir), llm_layers=1,
-                           train_batch_size=64, backbone_epochs=2, holdout_last_targets=1, denoise_samples=False)
-    _, cost = run_with_cost("AlignLLMRec", name, config_dict=config)
+                           train_batch_size=64, backbone_epochs=2, denoise_samples=False)
+    _, cost = run_with_cost("AlignLLMRec", name, config_dict=config)  # holdout_last_targets: 1 is the YAML default
     backbone = next(Path("saved/backbones").glob("AlignSASRec-cyclic-*.pth"))
     assert load_checkpoint(backbone, map_location="cpu")["config"]["holdout_last_targets"] == 1
     assert cost.extra["train_samples"] == 120  # one held-out sample (the last training target) per user
+
+
+def test_stacking_is_a_ranking_recipe_and_labeled_pairs_ignore_it():
+    from recbole_llmalign.trainer import stacking_holdout
+
+    assert stacking_holdout({"task": "ranking", "holdout_last_targets": 2}) == 2
+    assert stacking_holdout({"task": "labeled", "holdout_last_targets": 2}) == 0
+    assert stacking_holdout({"task": None, "holdout_last_targets": None}) == 0  # AlignGenRec has neither key
+
+
+def test_stacking_on_a_backbone_that_fit_the_held_out_targets_warns_and_names_the_fix(trained_backbone, tiny_llama_dir):
+    from recbole_llmalign.trainer import AlignLLMRecTrainer
+
+    config, model, (train, _, _) = _build(trained_backbone, tiny_llama_dir, holdout_last_targets=1, denoise_samples=False)
+    assert model.backbone.trained_holdout == 0  # the fixture's backbone trained on every target
+    trainer = AlignLLMRecTrainer(config, model)
+    warnings: list[str] = []
+    trainer.logger.warning = warnings.append
+    index = trainer.select_samples(train._dataset)
+    assert len(index) == 120  # still one held-out sample per user: defined behaviour, not an error
+    assert len(warnings) == 1 and "holdout_last_targets=0" in warnings[0] and "--holdout_last_targets=1" in warnings[0]
+    warnings.clear()
+    model.backbone.trained_holdout = 1  # a backbone trained the stacking way: no warning
+    trainer.select_samples(train._dataset)
+    assert warnings == []
 
 
 @pytest.mark.slow

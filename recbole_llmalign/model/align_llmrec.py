@@ -61,6 +61,7 @@ def load_backbone(checkpoint_path: str | None, dataset: Any) -> nn.Module:
     backbone = AlignSASRec(backbone_config, dataset)
     backbone.load_state_dict(checkpoint["state_dict"])
     backbone.requires_grad_(False)
+    backbone.trained_holdout = int(backbone_config["holdout_last_targets"] or 0)  # stacking checks it against its own N
     return backbone.eval()
 
 
