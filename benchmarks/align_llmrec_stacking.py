@@ -72,6 +72,7 @@ def aggregate(paths: list[Path], name: str) -> None:
 
     from recbole_llmalign import report
 
+    paths = [path for path in paths if path.stem != name]  # a glob may include this table's own CSV
     rows, table = [], ["| run | dataset | AlignLLMRec | test / full backbone | test / holdout backbone | valid / full backbone |",
                        "|---|---|---|---|---|---|"]
     collected: dict[tuple[str, str], dict[str, list[float]]] = {}
