@@ -2,15 +2,15 @@
 
 Rows (``setting``): SASRec (RecBole defaults, prefix augmentation, under a time budget);
 AlignSASRec ``backbone`` (the AlignLLMRec default backbone recipe: ``backbone_epochs`` of
-all_positions training); AlignLLMRec ``default`` (YAML defaults: the untrained model, which ranks
+all_positions training, each user's last ``holdout_last_targets`` training targets held out); AlignLLMRec ``default`` (YAML defaults: the untrained model, which ranks
 as the backbone, is validated first and kept when training does not beat it on valid) and, every
 one on that same backbone checkpoint, the trained model itself without that selection
 (``trained``) and its ablations, also reported as trained: ``no_layer_prefix``,
 ``no_instruction_prefix``, ``soft_only`` (soft tokens, no titles), ``titles_only`` (titles, no
 soft item tokens), ``lora`` (LoRA r=8 on q/v projections). Metrics:
 NDCG@10, Recall@10, HitRate@100 (``hit@100``), on all test users and on the cold slice (test item
-with <= 5 training interactions). ``train_samples`` = samples AlignLLMRec trained on (a budget of
-the backbone's training samples).
+with <= 5 training interactions). ``train_samples`` = samples AlignLLMRec trained on (with the
+default stacking, the backbone's held-out last target per user; capped by ``train_sample_budget``).
 
     python benchmarks/align_llmrec.py --dataset=ml-100k
     python benchmarks/align_llmrec.py --dataset=ml-1m --skip-sasrec --backbone-epochs=15 --sample-budget=5000 --ablations=default,trained
