@@ -92,6 +92,16 @@ class RunControlsMixin:
         self._save_latest_state(train_data, self.epochs, finished=True)  # type: ignore[attr-defined]
         return result
 
+    def _full_sort_batch_eval(self, batched_data: Any) -> Any:
+        """RecBole's full-ranking batch; with ``exclude_history_items`` the items of each user's input
+        history score -inf (RecBole masks training items only for general models, whose loaders
+        carry a history index; sequential loaders carry none)."""
+        interaction, scores, positive_u, positive_i = super()._full_sort_batch_eval(batched_data)  # type: ignore[misc]
+        history_field = f"{self.config['ITEM_ID_FIELD']}{self.config['LIST_SUFFIX']}"
+        if self.config["exclude_history_items"] and history_field in interaction:
+            scores.scatter_(1, interaction[history_field].to(scores.device), float("-inf"))  # pad id 0 is -inf already
+        return interaction, scores, positive_u, positive_i
+
     # ---- crash safety ----
     def _save_checkpoint(self, epoch: int, verbose: bool = True, **kwargs: Any) -> None:
         """RecBole's checkpoint, written to a temporary file and moved into place."""

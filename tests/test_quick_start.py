@@ -114,3 +114,34 @@ def test_cold_slice_holds_exactly_the_users_whose_test_item_is_rare(tmp_path):
     # Six unseen popular items outrank a never-trained item in Pop's top 5.
     assert result["test_cold_result"]["hit@5"] == 0.0
     assert result["test_result"]["hit@5"] > 0.5
+
+
+def test_exclude_history_items_ranks_every_input_item_last_for_any_sequential_model(cyclic_dataset):
+    """A scorer that puts the user's own history first and the true next item right after: under
+    RecBole's protocol the history fills the top 5 (NDCG@5 = 0); with exclude_history_items the
+    next item is first (NDCG@5 = 1), and nothing else about the scores changes."""
+    import torch
+    from recbole.data import create_dataset, data_preparation
+    from recbole.trainer import Trainer
+
+    from recbole_llmalign.config import Config
+    from recbole_llmalign.trainer import with_run_controls
+
+    data_path, name = cyclic_dataset
+    config = Config(model="SASRec", dataset=name, config_dict=cyclic_config(data_path, exclude_history_items=True))
+    train, _, test = data_preparation(config, create_dataset(config))
+    model = get_model("SASRec")(config, train._dataset)
+    history_field, target_field = model.ITEM_SEQ, model.POS_ITEM_ID
+
+    def history_first(interaction):
+        scores = torch.zeros(len(interaction), model.n_items)
+        scores.scatter_(1, interaction[history_field], 5.0)
+        scores[torch.arange(len(interaction)), interaction[target_field]] = 1.0
+        return scores
+
+    model.full_sort_predict = history_first
+    trainer = with_run_controls(Trainer)(config, model)
+    excluded = trainer.evaluate(test, load_best_model=False, show_progress=False)
+    config["exclude_history_items"] = False
+    plain = trainer.evaluate(test, load_best_model=False, show_progress=False)
+    assert excluded["ndcg@5"] == pytest.approx(1.0) and plain["ndcg@5"] == pytest.approx(0.0)
