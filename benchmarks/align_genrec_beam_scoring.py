@@ -73,6 +73,8 @@ def chart(rows: list[list], sasrec_hit5: float | None, path: Path, title: str) -
     """Test HR@5 per checkpoint, one bar per scoring, SASRec's HR@5 as a line."""
     import matplotlib
 
+    from recbole_llmalign import report
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
@@ -89,11 +91,7 @@ def chart(rows: list[list], sasrec_hit5: float | None, path: Path, title: str) -
     axis.set_ylabel("test HR@5")
     axis.set_title(title)
     axis.legend(fontsize=8)
-    figure.tight_layout()
-    temp = path.with_name(f".{path.stem}.tmp.png")
-    figure.savefig(temp, dpi=120)
-    plt.close(figure)
-    os.replace(temp, path)
+    report.save_figure(figure, path)
 
 
 def main() -> None:
@@ -136,7 +134,7 @@ def main() -> None:
             lines.append(f"- HR@5 AlignGenRec {setting} / SASRec: {ratios} (goal >= 1.00x)")
         lines.append("")
     text = "\n".join(lines) + "\n" + table(rows, reference)
-    report._atomic_write(RESULTS / f"{name}.md", text)
+    report.write_text(RESULTS / f"{name}.md", text)
     chart(rows, sasrec, RESULTS / f"{name}.png", f"{dataset}: test HR@5 by beam scoring")
     print(text)
 

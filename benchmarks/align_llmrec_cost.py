@@ -133,7 +133,7 @@ def write(rows: list[tuple[str, dict[str, float]]], dataset: str, name: str) -> 
             "GFLOP/s = FLOPs counted by torch's flop counter for one micro-batch forward of the LLM / its time; "
             "matmul = a plain torch matmul (tokens x hidden x MLP width) timed in the same process.\n\n"
             + header + "\n".join(lines) + "\n")
-    report._atomic_write(RESULTS / f"{name}.md", text)
+    report.write_text(RESULTS / f"{name}.md", text)
     figure, axes = plt.subplots(1, 3, figsize=(12, 3.5))
     labels = [setting for setting, _ in rows]
     for axis, metric, title in zip(axes, ("train_samples_per_sec", "eval_users_per_sec", "llm_fraction_of_matmul"),
@@ -141,9 +141,7 @@ def write(rows: list[tuple[str, dict[str, float]]], dataset: str, name: str) -> 
         axis.bar(labels, [values[metric] for _, values in rows], color="tab:blue")
         axis.set_title(title)
     figure.suptitle(f"AlignLLMRec cost on {dataset}")
-    figure.tight_layout()
-    figure.savefig(RESULTS / f"{name}.png", dpi=110)
-    os.chmod(RESULTS / f"{name}.png", 0o644)
+    report.save_figure(figure, RESULTS / f"{name}.png", dpi=110)
 
 
 def main() -> None:

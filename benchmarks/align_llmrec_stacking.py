@@ -97,7 +97,7 @@ def aggregate(paths: list[Path], name: str) -> None:
             f"({', '.join(p.name for p in paths)}); `trained` = the best valid epoch of training, `selected` = what "
             "the default recipe keeps (the start, i.e. the holdout backbone, unless an epoch beats it on valid). "
             "Goal: test >= 1.03x the backbone.\n\n" + "\n".join(table) + "\n")
-    report._atomic_write(RESULTS / f"{name}.md", text)
+    report.write_text(RESULTS / f"{name}.md", text)
     plot_ratios(collected, paths, RESULTS / f"{name}.png")
     print(text)
 
@@ -105,6 +105,8 @@ def aggregate(paths: list[Path], name: str) -> None:
 def plot_ratios(collected: dict, paths: list[Path], path: Path) -> None:
     """Test NDCG@10 / full backbone per run and kind, with the 1.03x goal line."""
     import matplotlib
+
+    from recbole_llmalign import report
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -121,11 +123,7 @@ def plot_ratios(collected: dict, paths: list[Path], path: Path) -> None:
     axes.set_xlim(min(values + [0.95]) - 0.01, max(values + [1.08]) + 0.01)
     axes.set_xlabel("test NDCG@10 / full backbone")
     axes.legend()
-    figure.tight_layout()
-    temp = path.with_name(f".{path.stem}.tmp.png")
-    figure.savefig(temp, dpi=120)
-    plt.close(figure)
-    temp.replace(path)
+    report.save_figure(figure, path)
 
 
 def main() -> None:

@@ -96,7 +96,7 @@ def main() -> None:
     text = (f"# {args.name}\n\nDataset {', '.join(datasets)}; saved models evaluated on their own test split, under "
             "RecBole's protocol and with `exclude_history_items: True` (each user's input history ranked last). "
             "Evaluation only.\n\n" + "\n".join(table) + "\n")
-    report._atomic_write(RESULTS / f"{args.name}.md", text)
+    report.write_text(RESULTS / f"{args.name}.md", text)
     plot(records, RESULTS / f"{args.name}.png")
     print(text)
 
@@ -104,6 +104,8 @@ def main() -> None:
 def plot(records: list, path: Path) -> None:
     """Test NDCG@10 per model, under RecBole's protocol and with the history ranked last."""
     import matplotlib
+
+    from recbole_llmalign import report
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -117,11 +119,7 @@ def plot(records: list, path: Path) -> None:
     axes.set_xticks(positions, labels, fontsize=8)
     axes.set_ylabel("test NDCG@10")
     axes.legend()
-    figure.tight_layout()
-    temp = path.with_name(f".{path.stem}.tmp.png")
-    figure.savefig(temp, dpi=120)
-    plt.close(figure)
-    temp.replace(path)
+    report.save_figure(figure, path)
 
 
 if __name__ == "__main__":

@@ -97,7 +97,7 @@ def write(rows: list[tuple[int, dict[str, float]]], chunk: int, score_budget: in
             f"a separate process, in one piece); users scored against every item, then top-10, with at most "
             f"{score_budget:,} scores per call (users per call shrinks as the catalog grows: RecBole's "
             "eval_batch_size); peak MB = peak RSS above the inputs; 2 CPU threads.\n\n" + "\n".join(lines) + "\n")
-    report._atomic_write(RESULTS / f"{name}.md", text)
+    report.write_text(RESULTS / f"{name}.md", text)
     figure, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
     items = [n for n, _ in rows]
     left.plot(items, [v["score_ms_per_user"] for _, v in rows], "o-")
@@ -106,9 +106,7 @@ def write(rows: list[tuple[int, dict[str, float]]], chunk: int, score_budget: in
     right.plot(items, [v["scoring_peak_mb"] for _, v in rows], "s-", label="build + scoring")
     right.set(xscale="log", yscale="log", xlabel="items", ylabel="peak MB above inputs", title="memory")
     right.legend(fontsize=8)
-    figure.tight_layout()
-    figure.savefig(RESULTS / f"{name}.png", dpi=110)
-    os.chmod(RESULTS / f"{name}.png", 0o644)
+    report.save_figure(figure, RESULTS / f"{name}.png", dpi=110)
 
 
 def main() -> None:

@@ -113,12 +113,25 @@ def bar_chart(records: list[dict[str, Any]], path: Path, title: str) -> None:
     cost.bar(labels, [r["cost"]["sec_per_epoch"] for r in records], color="gray")
     cost.set_ylabel("seconds per training epoch")
     cost.tick_params(axis="x", labelrotation=45, labelsize=8)
+    save_figure(figure, path)
+
+
+def save_figure(figure: Any, path: Path, dpi: int = 120) -> None:
+    """Lay out, write to a temporary file, close, and move into place (readable by others)."""
+    import matplotlib.pyplot as plt
+
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     temp = path.with_name(f".{path.stem}.tmp.png")
-    figure.savefig(temp, dpi=120)
+    figure.savefig(temp, dpi=dpi)
     plt.close(figure)
+    os.chmod(temp, 0o644)
     os.replace(temp, path)
+
+
+def write_text(path: Path, text: str) -> None:
+    """A results file written atomically (a reader never sees half a table)."""
+    _atomic_write(path, text)
 
 
 def write_comparison(records: list[dict[str, Any]], dataset: str, output_dir: Path, name: str,
