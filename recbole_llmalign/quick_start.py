@@ -22,7 +22,7 @@ from recbole.utils import get_environment, get_flops, init_logger, init_seed, se
 
 from recbole_llmalign.config import Config
 from recbole_llmalign.data import prepare_dataset
-from recbole_llmalign.trainer import with_run_controls
+from recbole_llmalign.trainer import stacking_holdout, with_run_controls
 from recbole_llmalign.utils import get_model, get_trainer
 
 
@@ -156,10 +156,9 @@ def ensure_backbone(config: Any, config_file_list: list[str] | None = None) -> N
                                                        config_dict={"data_path": config["data_path"]}).internal_config_dict)
     shared = {k: v for k, v in config.external_config_dict.items() if k not in own_keys | {"model"}}
     shared.update(data_path=str(Path(config["data_path"]).parent), epochs=int(config["backbone_epochs"]), show_progress=False)
-    from recbole_llmalign.trainer import stacking_holdout
-
-    if stacking_holdout(config):  # stacking (a YAML default, so not among the user's own keys): the backbone holds them out
-        shared["holdout_last_targets"] = stacking_holdout(config)
+    holdout = stacking_holdout(config)
+    if holdout:  # stacking (a YAML default, so not among the user's own keys): the backbone holds the same targets out
+        shared["holdout_last_targets"] = holdout
     key = hashlib.sha256(json.dumps({"dataset": config["dataset"], **shared}, sort_keys=True, default=str).encode()).hexdigest()[:16]
     target = Path(config["checkpoint_dir"]) / "backbones" / f"{backbone_model}-{config['dataset']}-{key}.pth"
     if not target.is_file():

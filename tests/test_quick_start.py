@@ -119,7 +119,7 @@ def test_cold_slice_holds_exactly_the_users_whose_test_item_is_rare(tmp_path):
 def test_exclude_history_items_ranks_every_input_item_last_for_any_sequential_model(cyclic_dataset):
     """A scorer that puts the user's own history first and the true next item right after: under
     RecBole's protocol the history fills the top 5 (NDCG@5 = 0); with exclude_history_items the
-    next item is first (NDCG@5 = 1), and nothing else about the scores changes."""
+    next item is first (NDCG@5 = 1)."""
     import torch
     from recbole.data import create_dataset, data_preparation
     from recbole.trainer import Trainer
