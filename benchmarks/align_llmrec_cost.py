@@ -85,10 +85,10 @@ def measure(dataset: str, llm_layers: int | None, train_steps: int, eval_users: 
     micro = {key: value[:model.micro_batch] for key, value in part.items()}
     model.requires_grad_(False)  # training is measured; the flop counter's module hooks trip over grad-less parameters
     with torch.no_grad(), FlopCounterMode(display=False) as counter:  # and over inference tensors
-        model._llm_states(micro[model.ITEM_SEQ], micro[model.ITEM_SEQ_LEN])
+        model.llm_states(micro[model.ITEM_SEQ], micro[model.ITEM_SEQ_LEN])
     llm_flops = counter.get_total_flops()
     with torch.inference_mode():
-        llm_sec = _timed(lambda: model._llm_states(micro[model.ITEM_SEQ], micro[model.ITEM_SEQ_LEN]), 3)
+        llm_sec = _timed(lambda: model.llm_states(micro[model.ITEM_SEQ], micro[model.ITEM_SEQ_LEN]), 3)
         tokens = micro[model.ITEM_SEQ].size(0) * model.prompts.assemble(micro[model.ITEM_SEQ], micro[model.ITEM_SEQ_LEN]).token_ids.size(1)
         text_config = model.decoder.config
         left = torch.randn(tokens, text_config.hidden_size)

@@ -1,10 +1,11 @@
-"""Labeled (pointwise) protocol on ml-1m-ctr: AlignLLMRec's yes/no head vs RecBole's CTR models.
+"""Labeled (pointwise) protocol on ml-1m-ctr: AlignLLMRecCTR's yes/no head vs RecBole's CTR models.
 
 Split and labels from the plugin's ml-1m-ctr YAML (CoLLM / SeLLa-Rec protocol): label = rating >= 4,
 one global time-ordered 80/10/10 split of all interactions, 5-core. Rows: LR, FM, DeepFM (RecBole
 context-aware models on user, item, title, year and genre features), DIN (RecBole, attention over
 the user's history), AlignSASRec used as a scorer (dot product of its sequence and item vectors),
-and AlignLLMRec with ``task: labeled`` on that AlignSASRec as its frozen backbone. Metrics: AUC and
+and AlignLLMRecCTR on that AlignSASRec as its frozen backbone (tables written before that model
+had its own class name it AlignLLMRec with ``task: labeled``; ``--merge`` reads both). Metrics: AUC and
 UAUC on the whole test set, on warm candidates and on cold ones (<= 5 training interactions).
 ``--users`` keeps a random subset of users (all their ratings) so the LLM's per-pair scoring of
 the validation and test sets fits a CPU budget.
@@ -39,8 +40,11 @@ def auc_table(records: list[dict]) -> str:
     return "\n".join(lines) + "\n\n"
 
 
+LLM_MODELS = ("AlignLLMRecCTR", "AlignLLMRec")  # the second: rows of tables written before AlignLLMRecCTR
+
+
 def summary(records: list[dict]) -> str:
-    llm = next((r for r in records if r["model"] == "AlignLLMRec"), None)
+    llm = next((r for r in records if r["model"] in LLM_MODELS), None)
     baselines = [r for r in records if r["model"] in ("LR", "FM", "DeepFM", "DIN", "AlignSASRec")]
     if not llm or not baselines:
         return ""
@@ -48,7 +52,7 @@ def summary(records: list[dict]) -> str:
     gap = llm["result"]["test_result"]["auc"] - best["result"]["test_result"]["auc"]
     lines = [f"- AlignLLMRec test AUC {llm['result']['test_result']['auc']:.4f} vs best baseline {best['model']} "
              f"{best['result']['test_result']['auc']:.4f}: {gap:+.4f} (goal >= +0.01)"]
-    rates = next((r for r in records if r["model"] == "AlignLLMRec" and r["setting"] == "rates_only"), None)
+    rates = next((r for r in records if r["model"] in LLM_MODELS and r["setting"] == "rates_only"), None)
     if rates and llm is not rates:
         deltas = []
         for split, key in (("test", "test_result"), ("cold", "test_cold_result")):
@@ -66,7 +70,7 @@ def run(args: argparse.Namespace, name: str, data_root: Path, table: str, compar
               "train_neg_sample_args": None, "train_time_budget": args.baseline_budget, "MAX_ITEM_LIST_LENGTH": 50,
               "cold_item_threshold": 5}
     wanted = [m for m in args.models.split(",") if m]
-    runs = [(m, "default", {}) for m in wanted if m not in ("AlignSASRec", "AlignLLMRec")]
+    runs = [(m, "default", {}) for m in wanted if m not in ("AlignSASRec", *LLM_MODELS)]
     records = compare(runs, name, [str(CTR_YAML)], config_dict=shared, output_dir=RESULTS, name=table) if runs else []
     backbone = None
     if "AlignSASRec" in wanted:
@@ -74,14 +78,14 @@ def run(args: argparse.Namespace, name: str, data_root: Path, table: str, compar
                          output_dir=RESULTS, name=table + "_partial")
         records += scorer
         backbone = scorer[0]["cost"].get("checkpoint")
-    if "AlignLLMRec" in wanted:
-        llm = {"task": "labeled", "llm_layers": args.llm_layers, "train_sample_budget": args.llm_samples,
+    if "AlignLLMRecCTR" in wanted:
+        llm = {"llm_layers": args.llm_layers, "train_sample_budget": args.llm_samples,
                "train_time_budget": None, "eval_batch_size": 256, "epochs": args.llm_epochs}
         if backbone:
             llm["backbone_checkpoint"] = backbone
         settings = {"labeled": {}, "no_history_labels": {"history_label_words": None, "label_rate_features": False},
                     "rates_only": {"answer_from_llm": False}}
-        records += compare([("AlignLLMRec", setting, {**llm, **settings[setting]}) for setting in args.llm_settings.split(",")],
+        records += compare([("AlignLLMRecCTR", setting, {**llm, **settings[setting]}) for setting in args.llm_settings.split(",")],
                            name, [str(CTR_YAML)], config_dict=shared, output_dir=RESULTS, name=table + "_partial")
     for suffix in (".md", ".csv", ".png"):
         (RESULTS / f"{table}_partial{suffix}").unlink(missing_ok=True)
@@ -99,7 +103,7 @@ def main() -> None:
     parser.add_argument("--llm-samples", type=float, default=5000, help="AlignLLMRec train_sample_budget (count or fraction)")
     parser.add_argument("--llm-layers", type=int, default=8)
     parser.add_argument("--llm-epochs", type=int, default=1)
-    parser.add_argument("--models", default="LR,FM,DeepFM,DIN,AlignSASRec,AlignLLMRec")
+    parser.add_argument("--models", default="LR,FM,DeepFM,DIN,AlignSASRec,AlignLLMRecCTR")
     parser.add_argument("--llm-settings", default="labeled,no_history_labels",
                         help="AlignLLMRec rows: labeled (YAML defaults), no_history_labels (history unmarked, no like-rate "
                              "features), rates_only (like rates and backbone score, no LLM pass)")

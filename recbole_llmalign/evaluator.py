@@ -1,10 +1,20 @@
-"""UAUC: the user-averaged AUC of the pointwise (labeled) protocol used by CoLLM and SeLLa-Rec.
+"""The plugin's evaluation protocol: UAUC for the labeled protocol, history exclusion for full ranking.
+
+UAUC: the user-averaged AUC of the pointwise (labeled) protocol used by CoLLM and SeLLa-Rec.
 
 RecBole's own ``GAUC`` is a ranking metric (full-sort mode, weighted by each user's positives);
 labeled-mode runs (``eval_args: {mode: labeled}``) have only value metrics such as ``AUC``. This
 adds ``UAUC`` as a RecBole value metric: the AUC of each user's scored pairs, averaged with equal
 weight over users who have both a positive and a negative pair. Use it like any RecBole metric:
-``metrics: [AUC, UAUC]``. Registration also makes RecBole's collector keep the user ids it needs.
+``metrics: [AUC, UAUC]``. ``compat.register_uauc`` registers it with RecBole and makes RecBole's
+collector keep the user ids it needs.
+
+History exclusion (``exclude_history_items``): ``HistoryExclusionMixin`` ranks each user's input
+history last in full ranking, for every sequential model alike.
+
+Per-user metrics: ``PerUserMetricsMixin`` keeps, after each full-ranking evaluation, every test
+user's value of each top-k metric (RecBole keeps only their mean), computed by RecBole's own metric
+classes from the same collected top-k; paired significance tests between models need them.
 """
 
 from __future__ import annotations
@@ -13,6 +23,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from recbole.evaluator import Evaluator
 from recbole.evaluator.base_metric import AbstractMetric
 from recbole.utils import EvaluatorType
 
@@ -54,31 +65,68 @@ class UAUC(AbstractMetric):
         return {"uauc": round(value, self.decimal_place)}
 
 
-def register_metrics() -> None:
-    """Add UAUC to RecBole's metric registry and teach the collector to keep user ids. Idempotent."""
-    from recbole.evaluator import collector, register
+class HistoryExclusionMixin:
+    """Full ranking with ``exclude_history_items``: the items of each user's input history score -inf.
 
-    register.metrics_dict["uauc"] = UAUC
-    register.metric_information["uauc"] = UAUC.metric_need
-    register.metric_types["uauc"] = UAUC.metric_type
-    original = collector.Collector.eval_batch_collect
-    if getattr(original, "_collects_users", False):
-        return
+    RecBole masks training items only for general models, whose loaders carry a history index;
+    sequential loaders carry none, so sequential models keep scores for items the user already has.
+    """
 
-    def eval_batch_collect(self: Any, scores_tensor: torch.Tensor, interaction: Any, positive_u: torch.Tensor,
-                           positive_i: torch.Tensor) -> None:
-        original(self, scores_tensor, interaction, positive_u, positive_i)
-        if self.register.need(USER_KEY):
-            self.data_struct.update_tensor(USER_KEY, interaction[self.config["USER_ID_FIELD"]].to(self.device))
+    config: Any
 
-    original_struct = collector.Collector.get_data_struct
+    def _full_sort_batch_eval(self, batched_data: Any) -> Any:
+        interaction, scores, positive_u, positive_i = super()._full_sort_batch_eval(batched_data)  # type: ignore[misc]
+        history_field = f"{self.config['ITEM_ID_FIELD']}{self.config['LIST_SUFFIX']}"
+        if self.config["exclude_history_items"] and history_field in interaction:
+            scores.scatter_(1, interaction[history_field].to(scores.device), float("-inf"))  # pad id 0 is -inf already
+        return interaction, scores, positive_u, positive_i
 
-    def get_data_struct(self: Any) -> Any:
-        returned = original_struct(self)
-        if USER_KEY in self.data_struct:  # reset per evaluation, like RecBole's own keys
-            del self.data_struct[USER_KEY]
-        return returned
 
-    eval_batch_collect._collects_users = True  # type: ignore[attr-defined]
-    collector.Collector.eval_batch_collect = eval_batch_collect
-    collector.Collector.get_data_struct = get_data_struct
+# RecBole top-k metrics whose ``metric_info`` gives one row per user: name -> whether it also takes pos_len.
+PER_USER_TOPK_METRICS = {"hit": False, "mrr": False, "precision": False, "ndcg": True, "recall": True}
+
+
+class PerUserEvaluator(Evaluator):
+    """RecBole's Evaluator that also keeps each evaluated row's top-k metric values in ``per_row``."""
+
+    def evaluate(self, dataobject: Any) -> Any:
+        self.per_row: dict[str, np.ndarray] = {}
+        if "rec.topk" in dataobject:
+            for name, metric in self.metric_class.items():
+                if name not in PER_USER_TOPK_METRICS:
+                    continue
+                pos_index, pos_len = metric.used_info(dataobject)
+                values = metric.metric_info(pos_index, pos_len) if PER_USER_TOPK_METRICS[name] else metric.metric_info(pos_index)
+                for k in metric.topk:
+                    self.per_row[f"{name}@{k}"] = np.asarray(values[:, k - 1], dtype=np.float64)
+        return super().evaluate(dataobject)
+
+
+class PerUserMetricsMixin:
+    """After each full-ranking ``evaluate``, ``last_per_user`` holds ``{"user": internal ids, "<metric>@<k>": values}``
+    (one entry per scored row, in the loader's order; None for other evaluation modes or multi-process runs).
+
+    Their means are exactly RecBole's reported metrics (before its rounding).
+    """
+
+    config: Any
+
+    def __init__(self, config: Any, model: Any) -> None:
+        super().__init__(config, model)  # type: ignore[call-arg]
+        self.evaluator = PerUserEvaluator(config)
+        self.last_per_user: dict[str, np.ndarray] | None = None
+        self._scored_users: list[torch.Tensor] = []
+
+    def _full_sort_batch_eval(self, batched_data: Any) -> Any:
+        interaction, scores, positive_u, positive_i = super()._full_sort_batch_eval(batched_data)  # type: ignore[misc]
+        self._scored_users.append(interaction[self.config["USER_ID_FIELD"]].detach().cpu())
+        return interaction, scores, positive_u, positive_i
+
+    def evaluate(self, eval_data: Any, *args: Any, **kwargs: Any) -> Any:
+        self._scored_users = []
+        result = super().evaluate(eval_data, *args, **kwargs)  # type: ignore[misc]
+        per_row = getattr(self.evaluator, "per_row", {})
+        users = torch.cat(self._scored_users).numpy() if self._scored_users else np.zeros(0, dtype=np.int64)
+        rows = len(next(iter(per_row.values()))) if per_row else -1
+        self.last_per_user = {"user": users, **per_row} if rows == len(users) and self.config["single_spec"] else None
+        return result

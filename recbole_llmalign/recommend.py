@@ -68,20 +68,23 @@ def _internal_user(config: Any, dataset: Any, user: str) -> int:
     return uid_tokens[str(user)]
 
 
-def recommend_from_cache(model_file: str, topk_cache: str, user: str, topk: int = 10, show_history: int = 5) -> Recommendation:
+def recommend_from_cache(model_file: str, topk_cache: str, user: str, topk: int = 10, show_history: int = 5,
+                         trust: bool = False) -> Recommendation:
     """Top-``topk`` from a pre-computed top-K file (``serving.precompute_topk``), without loading the model.
 
-    The cache is refused when it was built from another checkpoint or other data.
+    The cache is refused when it was built from another checkpoint or other data. Both files are
+    read under the allowlist of ``safe_load`` unless ``trust`` (``--trust_checkpoint``).
     """
     from recbole.data import create_dataset
 
     from recbole_llmalign.compat import load_checkpoint
+    from recbole_llmalign.config import upgrade_config
     from recbole_llmalign.serving import TopKCache
 
-    config = load_checkpoint(model_file, map_location="cpu")["config"]
+    config = upgrade_config(load_checkpoint(model_file, map_location="cpu", trust=trust)["config"])
     dataset = create_dataset(config)
     dataset.build()  # RecBole turns its feature tables into tensors while building the splits
-    cache = TopKCache(topk_cache, model_file=model_file, dataset=dataset)
+    cache = TopKCache(topk_cache, model_file=model_file, dataset=dataset, trust=trust)
     history = user_history(dataset, _internal_user(config, dataset, user))
     rows = cache.lookup(str(user), topk)
     titles = _titles(config, dataset)
@@ -95,16 +98,17 @@ def recommend_from_cache(model_file: str, topk_cache: str, user: str, topk: int 
 
 
 def recommend(model_file: str, user: str, topk: int = 10, explain: bool = False, show_history: int = 5,
-              loaded: tuple | None = None) -> Recommendation:
+              loaded: tuple | None = None, trust: bool = False) -> Recommendation:
     """Top-``topk`` items for external user id ``user`` from the checkpoint ``model_file``.
 
-    ``loaded`` = the tuple of ``quick_start.load_data_and_model`` to reuse across calls.
+    ``loaded`` = the tuple of ``quick_start.load_data_and_model`` to reuse across calls;
+    ``trust`` = load ``model_file`` with full unpickling (``--trust_checkpoint``).
     """
     from recbole.utils import ModelType
 
     from recbole_llmalign.quick_start import load_data_and_model
 
-    config, model, dataset, _, _, _ = loaded or load_data_and_model(model_file)
+    config, model, dataset, _, _, _ = loaded or load_data_and_model(model_file, trust=trust)
     internal_user = _internal_user(config, dataset, user)
     history = user_history(dataset, internal_user)
     if model.type == ModelType.SEQUENTIAL:
@@ -129,7 +133,8 @@ def recommend(model_file: str, user: str, topk: int = 10, explain: bool = False,
         scores=top.values.tolist(),
     )
     if explain:
-        if not hasattr(model, "explain"):
-            raise ValueError(f"--explain needs a model with an LLM (AlignLLMRec); {config['model']} has none.")
-        result.explanations = model.explain(interaction[model.ITEM_SEQ], interaction[model.ITEM_SEQ_LEN], top.indices)
+        from recbole_llmalign.llm.explain import explainer_for
+
+        explainer = explainer_for(model, config)
+        result.explanations = explainer.explain(interaction[model.ITEM_SEQ], interaction[model.ITEM_SEQ_LEN], top.indices)
     return result

@@ -1,36 +1,106 @@
 """Comparison output: a long-form CSV, a Markdown table and a bar chart from the same records.
 
 CSV header: ``dataset,model,setting,split,metric,value``. ``split`` is ``valid``/``test`` (and
-``test_cold`` for models that report a cold-item slice) for quality metrics, ``train`` for
-training cost (``sec_per_epoch``, ``epochs``, ``train_sec``, ``peak_mem_mb``) and ``test`` for
-``eval_sec`` (one full-ranking pass over the test users). Metric names are RecBole's.
+``test_cold`` / ``test_new`` for the cold-item and new-item slices) for quality metrics, ``train``
+for training cost (``sec_per_epoch``, ``epochs``, ``train_sec``, ``peak_mem_mb``,
+``train_time_budget`` (0 = none), ``seed``) and ``test`` for ``eval_sec`` (one full-ranking pass
+over the test users). Metric names are RecBole's.
+
+Why training ended is three ``train`` rows, ``stopped_by_early_stop``, ``stopped_by_budget`` and
+``stopped_by_epochs``, worth 1 for the reason that applied and 0 for the others (so their mean over
+seeds is the share of seeds that stopped that way); tables show the reason as a word.
+
+Several seeds (``compare(..., seeds=[...])``): a run's rows carry ``setting`` =
+``<setting>/seed_<N>`` (``default/seed_2020``, ``id_only/seed_2020``); aggregate rows over the seeds
+have ``setting`` = ``mean`` and ``std`` (sample standard deviation) for the default and
+``<setting>/mean``, ``<setting>/std`` for a named variant. With a reference model, a paired
+bootstrap over test users of the NDCG@10 difference to it, pooled over seeds, adds the rows
+``ndcg@10_diff`` (the mean difference), ``ndcg@10_diff_lo`` and ``ndcg@10_diff_hi`` (95% percentile
+interval; users resampled, each with their pairs from every seed: ``paired_bootstrap``)
+under the ``mean`` setting of each model (under its own setting when there are no seeds), for the
+splits ``test``, ``test_cold`` and ``test_new``.
 """
 
 from __future__ import annotations
 
 import csv
-import os
-import tempfile
+import re
 from pathlib import Path
 from typing import Any, Iterable
 
+import numpy as np
+
+from recbole_llmalign.io import atomic_write_text, atomic_write_with
+
 CSV_HEADER = ["dataset", "model", "setting", "split", "metric", "value"]
 COST_ROWS = (("train", "sec_per_epoch"), ("train", "epochs"), ("train", "best_epoch"), ("train", "train_sec"),
-             ("train", "time_to_best_sec"), ("train", "peak_mem_mb"), ("test", "eval_sec"))
+             ("train", "time_to_best_sec"), ("train", "peak_mem_mb"), ("test", "eval_sec"),
+             ("train", "train_time_budget"), ("train", "seed"))
+INTEGER_COSTS = ("epochs", "best_epoch", "seed")
+STOP_REASONS = ("early_stop", "budget", "epochs")  # RecBole's stopping_step, train_time_budget, the last epoch
+RESULT_SPLITS = (("valid", "best_valid_result"), ("test", "test_result"), ("test_cold", "test_cold_result"),
+                 ("test_new", "test_new_result"), ("test_warm", "test_warm_result"))
+AGGREGATES = ("mean", "std")
+DIFF_SUFFIXES = ("_diff", "_diff_lo", "_diff_hi")
+SIGNIFICANCE_SPLITS = ("test", "test_cold", "test_new")
+
+
+def setting_label(setting: str, kind: str | None) -> str:
+    """The CSV ``setting`` of a run (``kind`` None, or ``seed_<N>``) or an aggregate (``mean``/``std``)."""
+    if kind is None:
+        return setting
+    if kind in AGGREGATES and setting == "default":
+        return kind
+    return f"{setting}/{kind}"
+
+
+def parse_setting_label(label: str) -> tuple[str, str | None]:
+    """``(setting, kind)`` back from a CSV ``setting``: kind is None, ``seed_<N>``, ``mean`` or ``std``."""
+    if label in AGGREGATES:
+        return "default", label
+    head, sep, tail = label.rpartition("/")
+    if sep and (tail in AGGREGATES or re.fullmatch(r"seed_\d+", tail)):
+        return head, tail
+    return label, None
+
+
+def record_seed(record: dict[str, Any]) -> int | None:
+    """The seed a record ran with (its ``seed``, else the one in its cost)."""
+    seed = record.get("seed")
+    if seed is None and record.get("cost", {}).get("seed") is not None:
+        seed = int(record["cost"]["seed"])
+    return seed
+
+
+def budget_cell(cost: dict[str, Any]) -> str:
+    """The row's ``train_time_budget`` in seconds, or ``none``."""
+    budget = cost.get("train_time_budget") or 0.0
+    return f"{budget:.0f}" if budget else "none"
+
+
+def stop_cell(cost: dict[str, Any]) -> str:
+    """``early_stop`` / ``epochs`` / ``budget (600 s)``; ``-`` when not recorded."""
+    reason = cost.get("stopped_by") or "-"
+    budget = cost.get("train_time_budget") or 0.0
+    return f"{reason} ({budget:.0f} s)" if reason == "budget" else reason
 
 
 def long_rows(record: dict[str, Any], dataset: str) -> list[list[Any]]:
-    """Long-form rows for one model's record ``{model, setting?, result, cost}``."""
-    model, setting = record["model"], record.get("setting", "default")
+    """Long-form rows for one model's record ``{model, setting?, seed?, result, cost}`` (``seed`` set: one run of several)."""
+    model = record["model"]
+    seed = record.get("seed")
+    setting = setting_label(record.get("setting", "default"), None if seed is None else f"seed_{seed}")
     rows = []
     result = record["result"]
-    for split, metrics in (("valid", result.get("best_valid_result")), ("test", result.get("test_result")),
-                           ("test_cold", result.get("test_cold_result")), ("test_warm", result.get("test_warm_result"))):
-        for metric, value in (metrics or {}).items():
+    for split, key in RESULT_SPLITS:
+        for metric, value in (result.get(key) or {}).items():
             rows.append([dataset, model, setting, split, metric, float(value)])
     for split, metric in COST_ROWS:
         if metric in record["cost"]:
-            rows.append([dataset, model, setting, split, metric, float(record["cost"][metric])])
+            rows.append([dataset, model, setting, split, metric, float(record["cost"][metric] or 0.0)])
+    if record["cost"].get("stopped_by"):
+        for reason in STOP_REASONS:
+            rows.append([dataset, model, setting, "train", f"stopped_by_{reason}", float(record["cost"]["stopped_by"] == reason)])
     for metric, value in (record["cost"].get("extra") or {}).items():
         rows.append([dataset, model, setting, "train", metric, float(value)])
     for seconds, score in record["cost"].get("valid_curve") or []:  # split valid_curve: the valid score after `seconds` of training
@@ -38,21 +108,12 @@ def long_rows(record: dict[str, Any], dataset: str) -> list[list[Any]]:
     return rows
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(handle, "w", encoding="utf-8", newline="") as out:
-        out.write(text)
-    os.chmod(temp, 0o644)  # mkstemp creates 0600; results are meant to be read by others
-    os.replace(temp, path)
-
-
 def write_csv(rows: Iterable[list[Any]], path: Path) -> None:
     lines = [",".join(CSV_HEADER)]
     for row in rows:
         *keys, value = row
         lines.append(",".join(str(k) for k in keys) + f",{value:.6g}")
-    _atomic_write(path, "\n".join(lines) + "\n")
+    atomic_write_text(path, "\n".join(lines) + "\n")
 
 
 METRIC_ORDER = ("ndcg", "recall", "hit", "mrr", "auc", "gauc")
@@ -64,28 +125,42 @@ def _ordered_metrics(result: dict[str, Any]) -> list[str]:
     return sorted(known, key=lambda m: (METRIC_ORDER.index(m.split("@")[0]), m))
 
 
-def markdown_table(records: list[dict[str, Any]], metrics: list[str] | None = None) -> str:
-    """One row per model: valid/test metrics, cost, and cost ratio to the first model."""
+def _slice_columns(records: list[dict[str, Any]], metrics: list[str]) -> list[tuple[str, str, list[str]]]:
+    """(result key, column prefix, metrics) of each slice that some record reports."""
+    return [(key, label, metrics) for key, label in (("test_cold_result", "cold"), ("test_new_result", "new"))
+            if any(r["result"].get(key) for r in records)]
+
+
+def markdown_table(records: list[dict[str, Any]], metrics: list[str] | None = None,
+                   notes: dict[tuple[str, str], str] | None = None, slice_metrics: list[str] | None = None) -> str:
+    """One row per model: valid/test metrics, cold and new slices, cost, why training stopped, and cost
+    ratio to the first model; ``notes`` (keyed by (model, setting)) adds a last column."""
     first_test = records[0]["result"]["test_result"] or {}
     metrics = metrics or _ordered_metrics(first_test)
+    slice_metrics = slice_metrics or metrics[:2]
     base_epoch = records[0]["cost"].get("sec_per_epoch") or float("nan")
+    slices = _slice_columns(records, slice_metrics)
+    budgets = any(r["cost"].get("train_time_budget") for r in records)
     header = (["model", "setting", f"valid {metrics[0]}"] + [f"test {m}" for m in metrics]
-              + ["s/epoch", f"s/epoch vs {records[0]['model']}", "epochs (best)", "s to best", "eval s", "peak MB"])
-    cold_metrics = metrics[:2] if any(r["result"].get("test_cold_result") for r in records) else []
-    header[3 + len(metrics):3 + len(metrics)] = [f"cold {m}" for m in cold_metrics] + (["cold users"] if cold_metrics else [])
+              + [f"{label} {m}" for _, label, ms in slices for m in ms + ["users"]]
+              + ["s/epoch", f"s/epoch vs {records[0]['model']}", "epochs (best)", "stopped_by"] + (["budget s"] if budgets else [])
+              + ["s to best", "eval s", "peak MB"] + (["notes"] if notes else []))
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for record in records:
         valid = record["result"].get("best_valid_result") or {}
         test = record["result"].get("test_result") or {}
-        cold = record["result"].get("test_cold_result") or {}
         cost = record["cost"]
         cells = [record["model"], record.get("setting", "default"), f"{valid.get(metrics[0], float('nan')):.4f}"]
         cells += [f"{test.get(m, float('nan')):.4f}" for m in metrics]
-        if cold_metrics:
-            cells += [f"{cold.get(m, float('nan')):.4f}" for m in cold_metrics] + [f"{cold.get('n_users', 0):.0f}"]
+        for key, _, ms in slices:
+            part = record["result"].get(key) or {}
+            cells += [f"{part.get(m, float('nan')):.4f}" for m in ms] + [f"{part.get('n_users', 0):.0f}"]
         cells += [f"{cost['sec_per_epoch']:.1f}", f"{cost['sec_per_epoch'] / base_epoch:.2f}x",
-                  f"{cost['epochs']} ({cost.get('best_epoch', 0)})", f"{cost.get('time_to_best_sec', 0.0):.0f}",
-                  f"{cost['eval_sec']:.1f}", f"{cost['peak_mem_mb']:.0f}"]
+                  f"{cost['epochs']} ({cost.get('best_epoch', 0)})", stop_cell(cost)]
+        cells += [budget_cell(cost)] if budgets else []
+        cells += [f"{cost.get('time_to_best_sec', 0.0):.0f}", f"{cost['eval_sec']:.1f}", f"{cost['peak_mem_mb']:.0f}"]
+        if notes:
+            cells.append(notes.get((record["model"], record.get("setting", "default")), ""))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -121,27 +196,43 @@ def save_figure(figure: Any, path: Path, dpi: int = 120) -> None:
     import matplotlib.pyplot as plt
 
     figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temp = path.with_name(f".{path.stem}.tmp.png")
-    figure.savefig(temp, dpi=dpi)
+    atomic_write_with(path, lambda temp: figure.savefig(temp, dpi=dpi))
     plt.close(figure)
-    os.chmod(temp, 0o644)
-    os.replace(temp, path)
 
 
 def write_text(path: Path, text: str) -> None:
     """A results file written atomically (a reader never sees half a table)."""
-    _atomic_write(path, text)
+    atomic_write_text(path, text)
 
 
 def write_comparison(records: list[dict[str, Any]], dataset: str, output_dir: Path, name: str,
-                     preface: str = "") -> None:
-    """Write ``<name>.csv``, ``<name>.md`` and ``<name>.png`` under ``output_dir``."""
+                     preface: str = "", reference: str | None = None, per_user_dir: Path | None = None,
+                     metrics: list[str] | None = None, notes: dict[tuple[str, str], str] | None = None,
+                     slice_metrics: list[str] | None = None) -> None:
+    """Write ``<name>.csv``, ``<name>.md`` and ``<name>.png`` under ``output_dir``.
+
+    Records with a ``seed`` (several seeds) also get aggregate rows and a mean ± std table; with
+    ``reference`` (``Model`` or ``Model:setting``) and the runs' per-user files in ``per_user_dir``,
+    the paired-bootstrap rows and table (see the module docstring).
+    """
     output_dir = Path(output_dir)
-    write_csv([row for r in records for row in long_rows(r, dataset)], output_dir / f"{name}.csv")
-    text = f"# {name}\n\n{preface}{markdown_table(records)}"
-    _atomic_write(output_dir / f"{name}.md", text)
-    bar_chart(records, output_dir / f"{name}.png", f"{dataset}: test metrics")
+    rows = [[*row[:-1], float(f"{row[-1]:.6g}")] for r in records for row in long_rows(r, dataset)]  # as the CSV holds them,
+    seeded = any(r.get("seed") is not None for r in records)  # so tables re-rendered from the CSV come out the same
+    if seeded:
+        rows += aggregate_rows(rows)
+    significance = significance_rows(records, dataset, reference, Path(per_user_dir)) if reference and per_user_dir else []
+    rows += significance
+    write_csv(rows, output_dir / f"{name}.csv")
+    if seeded:
+        table = seeds_table(rows, metrics, notes, slice_metrics, reference) + "\n" + per_seed_table(rows, (metrics or ["ndcg@10"])[0])
+        chart_records = records_from_rows(rows, aggregate="mean")
+    else:
+        table = markdown_table(records, metrics, notes, slice_metrics)
+        chart_records = records
+    if significance:
+        table += "\n" + significance_table(significance, reference or "")
+    atomic_write_text(output_dir / f"{name}.md", f"# {name}\n\n{preface}{table}")
+    bar_chart(chart_records, output_dir / f"{name}.png", f"{dataset}: test metrics" + (" (mean over seeds)" if seeded else ""))
 
 
 def read_csv(path: Path) -> list[dict[str, str]]:
@@ -149,26 +240,265 @@ def read_csv(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(handle))
 
 
-def records_from_csv(path: Path) -> tuple[str, list[dict[str, Any]]]:
-    """(dataset, records) rebuilt from a long-form CSV, in first-appearance order, for re-rendering tables."""
+def _row_dicts(rows: Iterable[Any]) -> list[dict[str, Any]]:
+    return [row if isinstance(row, dict) else dict(zip(CSV_HEADER, row)) for row in rows]
+
+
+def records_from_rows(rows: Iterable[Any], aggregate: str | None = None) -> list[dict[str, Any]]:
+    """Records rebuilt from long-form rows (lists or CSV dicts), in first-appearance order.
+
+    ``aggregate`` None: one record per run (``seed`` set for a run of several seeds; aggregate and
+    bootstrap rows skipped). ``mean``/``std``: one record per (model, setting) of those aggregate rows.
+    """
     cost_metrics = {metric for _, metric in COST_ROWS}
-    split_keys = {"valid": "best_valid_result", "test": "test_result", "test_cold": "test_cold_result",
-                  "test_warm": "test_warm_result"}
-    records: dict[tuple[str, str], dict[str, Any]] = {}
-    dataset = ""
-    for row in read_csv(path):
-        dataset = row["dataset"]
-        record = records.setdefault((row["model"], row["setting"]), {
-            "model": row["model"], "setting": row["setting"], "result": {}, "cost": {"extra": {}}})
-        value = float(row["value"])
-        if row["split"] == "valid_curve":
-            seconds = float(row["metric"].removeprefix("score_at_").removesuffix("s"))
-            record["cost"].setdefault("valid_curve", []).append((seconds, value))
+    split_keys = dict(RESULT_SPLITS)
+    records: dict[tuple[str, str, int | None], dict[str, Any]] = {}
+    for row in _row_dicts(rows):
+        setting, kind = parse_setting_label(row["setting"])
+        if (kind in AGGREGATES) != (aggregate is not None) or (aggregate is not None and kind != aggregate):
             continue
-        if row["metric"] in cost_metrics and row["split"] in ("train", "test") and (row["split"], row["metric"]) in COST_ROWS:
-            record["cost"][row["metric"]] = int(value) if row["metric"] in ("epochs", "best_epoch") else value
-        elif row["split"] == "train":
-            record["cost"]["extra"][row["metric"]] = value
+        if row["metric"].endswith(DIFF_SUFFIXES):
+            continue
+        seed = int(kind.removeprefix("seed_")) if kind and kind.startswith("seed_") else None
+        record = records.setdefault((row["model"], setting, seed), {
+            "model": row["model"], "setting": setting, "seed": seed, "result": {}, "cost": {"extra": {}}})
+        value = float(row["value"])
+        metric, split = row["metric"], row["split"]
+        if split == "valid_curve":
+            seconds = float(metric.removeprefix("score_at_").removesuffix("s"))
+            record["cost"].setdefault("valid_curve", []).append((seconds, value))
+        elif metric.startswith("stopped_by_") and split == "train":
+            if aggregate is None and value == 1.0:
+                record["cost"]["stopped_by"] = metric.removeprefix("stopped_by_")
+        elif metric in cost_metrics and (split, metric) in COST_ROWS:
+            record["cost"][metric] = int(value) if metric in INTEGER_COSTS and aggregate is None else value
+        elif split == "train":
+            record["cost"]["extra"][metric] = value
         else:
-            record["result"].setdefault(split_keys[row["split"]], {})[row["metric"]] = value
-    return dataset, list(records.values())
+            record["result"].setdefault(split_keys[split], {})[metric] = value
+    return list(records.values())
+
+
+def records_from_csv(path: Path) -> tuple[str, list[dict[str, Any]]]:
+    """(dataset, records) rebuilt from a long-form CSV, one per run, in first-appearance order, for
+    re-rendering tables or resuming a comparison (aggregate and bootstrap rows are recomputed)."""
+    rows = read_csv(path)
+    return (rows[-1]["dataset"] if rows else ""), records_from_rows(rows)
+
+
+def aggregate_rows(rows: Iterable[Any]) -> list[list[Any]]:
+    """``mean`` and ``std`` rows over the seeds of every (model, setting, split, metric) of per-seed rows.
+
+    ``std`` is the sample standard deviation (ddof 1), written when at least two seeds have the value.
+    The seed row and the valid curve (its time points differ per seed) are not aggregated.
+    """
+    groups: dict[tuple[str, str, str], dict[tuple[str, str], list[float]]] = {}
+    for row in _row_dicts(rows):
+        setting, kind = parse_setting_label(row["setting"])
+        if not (kind or "").startswith("seed_") or row["split"] == "valid_curve" or row["metric"] == "seed":
+            continue
+        if row["metric"].endswith(DIFF_SUFFIXES):
+            continue
+        block = groups.setdefault((row["dataset"], row["model"], setting), {})
+        block.setdefault((row["split"], row["metric"]), []).append(float(row["value"]))
+    out: list[list[Any]] = []
+    for (dataset, model, setting), block in groups.items():
+        for kind in AGGREGATES:
+            label = setting_label(setting, kind)
+            for (split, metric), values in block.items():
+                if kind == "mean":
+                    out.append([dataset, model, label, split, metric, float(np.mean(values))])
+                elif len(values) >= 2:
+                    out.append([dataset, model, label, split, metric, float(np.std(values, ddof=1))])
+    return out
+
+
+def paired_bootstrap(users: np.ndarray, differences: np.ndarray, n_boot: int = 10000, confidence: float = 0.95,
+                     seed: int = 0) -> tuple[float, float, float, int]:
+    """(mean difference, interval low, interval high, users) of a paired bootstrap over users, pooled over seeds.
+
+    ``users[i]`` had ``differences[i]`` (model minus reference) in one seed. The estimate is the mean
+    over all (user, seed) pairs: the mean over seeds of each seed's mean difference when every seed
+    scores the same users. Users are the resampled unit (a user's pairs from every seed are drawn
+    together, a cluster bootstrap): users in sorted order are drawn with replacement ``n_boot``
+    times (``numpy.random.default_rng(seed)``, one ``integers(0, n_users, n_users)`` draw per
+    resample), and the interval is the percentile interval of the resampled estimates.
+    """
+    keys, inverse = np.unique(np.asarray(users), return_inverse=True)
+    sums = np.bincount(inverse, weights=np.asarray(differences, dtype=np.float64))
+    counts = np.bincount(inverse).astype(np.float64)
+    n = len(keys)
+    rng = np.random.default_rng(seed)
+    chunk = max(1, 2_000_000 // max(n, 1))
+    estimates = []
+    for start in range(0, n_boot, chunk):
+        drawn = rng.integers(0, n, size=(min(chunk, n_boot - start), n))
+        estimates.append(sums[drawn].sum(axis=1) / counts[drawn].sum(axis=1))
+    tail = (1.0 - confidence) / 2
+    low, high = np.quantile(np.concatenate(estimates), [tail, 1.0 - tail])
+    return float(sums.sum() / counts.sum()), float(low), float(high), n
+
+
+def per_user_path(per_user_dir: Path, model: str, setting: str, seed: int | None) -> Path:
+    """Where a comparison keeps one run's per-user test metrics (``<model>__<setting>__seed<N>.csv``)."""
+    return Path(per_user_dir) / f"{model}__{setting}__seed{seed}.csv"
+
+
+def read_per_user(path: Path) -> dict[str, np.ndarray]:
+    """A per-user metrics CSV (written by ``quick_start.save_per_user_metrics``) as columns."""
+    rows = read_csv(path)
+    if not rows:
+        return {"user": np.zeros(0, dtype=str)}
+    return {key: np.array([r[key] for r in rows], dtype=str if key == "user" else np.float64) for key in rows[0]}
+
+
+def _flags(table: dict[str, np.ndarray], split: str) -> np.ndarray:
+    """A per-user table's 0/1 column for ``split`` (all 0 when the file has none)."""
+    return table.get(split, np.zeros(len(table["user"])))
+
+
+def significance_rows(records: list[dict[str, Any]], dataset: str, reference: str, per_user_dir: Path,
+                      metric: str | None = None, n_boot: int = 10000) -> list[list[Any]]:
+    """Paired-bootstrap rows (``<metric>_diff``, ``_diff_lo``, ``_diff_hi``) of every model against ``reference``.
+
+    ``metric`` defaults to ``ndcg@10``, or the first NDCG column when the runs did not compute @10.
+
+    Pairs are the test users both runs of a seed scored (restricted, for ``test_cold`` / ``test_new``,
+    to the users both flag as in that slice); seeds both models ran are pooled (``paired_bootstrap``).
+    Runs without a per-user file in ``per_user_dir`` are left out.
+    """
+    ref_model, _, ref_setting = reference.partition(":")
+    ref_setting = ref_setting or "default"
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for record in records:
+        groups.setdefault((record["model"], record.get("setting", "default")), []).append(record)
+    tables = {}
+    for (model, setting), group in groups.items():
+        for record in group:
+            path = per_user_path(per_user_dir, model, setting, record_seed(record))
+            if path.is_file():
+                tables[(model, setting, record_seed(record))] = read_per_user(path)
+    rows: list[list[Any]] = []
+    reference_tables = [t for (m, st, _), t in tables.items() if (m, st) == (ref_model, ref_setting)]
+    if metric is None and reference_tables:
+        columns = [c for c in reference_tables[0] if c.startswith("ndcg@")]
+        metric = "ndcg@10" if "ndcg@10" in columns else (columns[0] if columns else "")
+    for (model, setting), group in groups.items():
+        if (model, setting) == (ref_model, ref_setting) or not metric:
+            continue
+        label = setting_label(setting, "mean") if any(r.get("seed") is not None for r in group) else setting
+        pairs = [(tables[(model, setting, s)], tables[(ref_model, ref_setting, s)]) for s in dict.fromkeys(record_seed(r) for r in group)
+                 if (model, setting, s) in tables and (ref_model, ref_setting, s) in tables]
+        for split in SIGNIFICANCE_SPLITS:
+            users, differences = [], []
+            for ours, theirs in pairs:
+                if metric not in ours or metric not in theirs:
+                    continue
+                common, ours_at, theirs_at = np.intersect1d(ours["user"], theirs["user"], return_indices=True)
+                if split != "test":  # users both runs flag as in the slice
+                    inside = (_flags(ours, split)[ours_at] > 0) & (_flags(theirs, split)[theirs_at] > 0)
+                    common, ours_at, theirs_at = common[inside], ours_at[inside], theirs_at[inside]
+                users.append(common)
+                differences.append(ours[metric][ours_at] - theirs[metric][theirs_at])
+            if not users or sum(len(u) for u in users) == 0:
+                continue
+            mean, low, high, _ = paired_bootstrap(np.concatenate(users), np.concatenate(differences), n_boot)
+            rows += [[dataset, model, label, split, f"{metric}_diff", mean], [dataset, model, label, split, f"{metric}_diff_lo", low],
+                     [dataset, model, label, split, f"{metric}_diff_hi", high]]
+    return rows
+
+
+def _verdict(low: float, high: float) -> str:
+    return "significant" if low > 0 or high < 0 else "within noise"
+
+
+def significance_table(rows: Iterable[Any], reference: str) -> str:
+    """One line per (model, setting, split) of bootstrap rows: difference, 95% interval, verdict."""
+    found: dict[tuple[str, str, str], dict[str, float]] = {}
+    for row in _row_dicts(rows):
+        for suffix in ("_diff_lo", "_diff_hi", "_diff"):
+            if row["metric"].endswith(suffix):
+                key = (row["model"], row["setting"], row["split"])
+                found.setdefault(key, {"metric": row["metric"].removesuffix(suffix)})[suffix] = float(row["value"])
+                break
+    if not found:
+        return ""
+    metric = next(iter(found.values()))["metric"]
+    lines = [f"Paired bootstrap over test users of the {metric} difference to {reference} (pooled over seeds, 95% interval):", "",
+             "| model | setting | split | difference | 95% interval | verdict |", "|---|---|---|---|---|---|"]
+    for (model, setting, split), values in found.items():
+        lines.append(f"| {model} | {setting} | {split} | {values['_diff']:+.4f} | [{values['_diff_lo']:+.4f}, "
+                     f"{values['_diff_hi']:+.4f}] | {_verdict(values['_diff_lo'], values['_diff_hi'])} |")
+    return "\n".join(lines) + "\n"
+
+
+def seeds_table(rows: Iterable[Any], metrics: list[str] | None = None, notes: dict[tuple[str, str], str] | None = None,
+                slice_metrics: list[str] | None = None, reference: str | None = None) -> str:
+    """One row per (model, setting): mean ± std over seeds of the test and slice metrics and of the cost,
+    how each seed stopped, and the bootstrap difference of the test metric to ``reference``."""
+    rows = _row_dicts(rows)
+    means = {(r["model"], r["setting"]): r for r in records_from_rows(rows, aggregate="mean")}
+    stds = {(r["model"], r["setting"]): r for r in records_from_rows(rows, aggregate="std")}
+    runs = records_from_rows(rows)
+    first = next(iter(means.values()))
+    metrics = metrics or _ordered_metrics(first["result"].get("test_result") or {})
+    slice_metrics = slice_metrics or metrics[:2]
+    slices = _slice_columns(list(means.values()), slice_metrics)
+    diffs = {(r["model"], parse_setting_label(r["setting"])[0], r["metric"]): float(r["value"]) for r in rows
+             if r["split"] == "test" and r["metric"].endswith(DIFF_SUFFIXES)}
+    diff_metric = next((m.removesuffix("_diff") for _, _, m in diffs if m.endswith("_diff")), "ndcg@10")
+    budgets = any(r["cost"].get("train_time_budget") for r in means.values())
+    header = (["model", "setting", "seeds"] + [f"test {m}" for m in metrics]
+              + [f"{label} {m}" for _, label, ms in slices for m in ms + ["users"]]
+              + ([f"test {diff_metric} - {reference} [95%]"] if reference and diffs else [])
+              + ["s/epoch", "epochs", "stopped_by"] + (["budget s"] if budgets else []) + ["peak MB"] + (["notes"] if notes else []))
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+
+    def cell(key: tuple[str, str], result_key: str, metric: str, digits: int = 4) -> str:
+        mean = (means[key]["result"].get(result_key) or {}).get(metric)
+        std = ((stds.get(key) or {"result": {}})["result"].get(result_key) or {}).get(metric)
+        if mean is None:
+            return "-"
+        return f"{mean:.{digits}f}" + (f" ± {std:.{digits}f}" if std is not None else "")
+
+    def cost_cell(key: tuple[str, str], metric: str, digits: int) -> str:
+        mean = means[key]["cost"].get(metric)
+        std = (stds.get(key) or {"cost": {}})["cost"].get(metric)
+        if mean is None:
+            return "-"
+        return f"{mean:.{digits}f}" + (f" ± {std:.{digits}f}" if std is not None else "")
+
+    for key, record in means.items():
+        model, setting = key
+        group = [r for r in runs if (r["model"], r["setting"]) == key]
+        reasons = [stop_cell(r["cost"]) for r in group]
+        stopped = ", ".join(f"{reason} x{reasons.count(reason)}" for reason in dict.fromkeys(reasons))
+        cells = [model, setting, str(len(group))] + [cell(key, "test_result", m) for m in metrics]
+        for result_key, _, ms in slices:
+            cells += [cell(key, result_key, m) for m in ms] + [cell(key, result_key, "n_users", 0)]
+        if reference and diffs:
+            found = [diffs.get((model, setting, f"{diff_metric}{suffix}")) for suffix in DIFF_SUFFIXES]
+            cells.append("-" if None in found else f"{found[0]:+.4f} [{found[1]:+.4f}, {found[2]:+.4f}] {_verdict(found[1], found[2])}")
+        cells += [cost_cell(key, "sec_per_epoch", 1), cost_cell(key, "epochs", 1), stopped]
+        cells += [budget_cell(record["cost"])] if budgets else []
+        cells.append(cost_cell(key, "peak_mem_mb", 0))
+        if notes:
+            cells.append(notes.get(key, ""))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def per_seed_table(rows: Iterable[Any], metric: str = "ndcg@10") -> str:
+    """Test ``metric`` of every run, one column per seed."""
+    runs = records_from_rows(rows)
+    seeds = sorted({r["seed"] for r in runs if r["seed"] is not None})
+    table: dict[tuple[str, str], dict[int, float]] = {}
+    for run in runs:
+        value = (run["result"].get("test_result") or {}).get(metric)
+        if run["seed"] is not None and value is not None:
+            table.setdefault((run["model"], run["setting"]), {})[run["seed"]] = value
+    lines = [f"Test {metric} per seed:", "", "| model | setting | " + " | ".join(f"seed {s}" for s in seeds) + " |",
+             "|" + "---|" * (2 + len(seeds))]
+    for (model, setting), values in table.items():
+        lines.append(f"| {model} | {setting} | " + " | ".join(f"{values[s]:.4f}" if s in values else "-" for s in seeds) + " |")
+    return "\n".join(lines) + "\n"

@@ -13,7 +13,6 @@ a dict in microseconds.
 from __future__ import annotations
 
 import hashlib
-import os
 from pathlib import Path
 from typing import Any
 
@@ -21,17 +20,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from recbole_llmalign.io import file_sha256, torch_save_atomic
+
 # Bumped whenever the lists a checkpoint yields change without the checkpoint changing
 # (2: AlignGenRec's default beam_scoring became "model"), so older caches are refused.
 FORMAT_VERSION = 2
-
-
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def data_signature(dataset: Any) -> str:
@@ -60,29 +53,15 @@ def user_windows(dataset: Any, window: int) -> tuple[np.ndarray, torch.Tensor, t
     return ids, sequences, lengths
 
 
-def _atomic_save(payload: dict, path: Path) -> None:
-    """Write to a temporary file beside ``path``, then move it into place (a crash leaves the old file)."""
-    import tempfile
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle = tempfile.NamedTemporaryFile(dir=path.parent, prefix=path.name + ".", suffix=".tmp", delete=False)
-    try:
-        with handle:
-            torch.save(payload, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(handle.name, path)
-    except BaseException:
-        Path(handle.name).unlink(missing_ok=True)
-        raise
-
-
 def precompute_topk(model_file: str | Path, output: str | Path, topk: int = 10, batch_size: int = 64,
-                    loaded: tuple | None = None, show_progress: bool = True) -> Path:
-    """Write every user's top-``topk`` (external item ids, scores) to ``output``; returns its path."""
+                    loaded: tuple | None = None, show_progress: bool = True, trust: bool = False) -> Path:
+    """Write every user's top-``topk`` (external item ids, scores) to ``output``; returns its path.
+
+    ``trust`` = load ``model_file`` with full unpickling (``--trust_checkpoint``).
+    """
     from recbole_llmalign.quick_start import load_data_and_model
 
-    config, model, dataset, _, _, _ = loaded or load_data_and_model(str(model_file))
+    config, model, dataset, _, _, _ = loaded or load_data_and_model(str(model_file), trust=trust)
     window = int(config["MAX_ITEM_LIST_LENGTH"])
     users, sequences, lengths = user_windows(dataset, window)
     device = config["device"]
@@ -117,7 +96,7 @@ def precompute_topk(model_file: str | Path, output: str | Path, topk: int = 10, 
     }
     payload["payload_sha256"] = _payload_hash(payload)
     path = Path(output)
-    _atomic_save(payload, path)
+    torch_save_atomic(payload, path)
     return path
 
 
@@ -140,12 +119,18 @@ def _payload_hash(payload: dict) -> str:
 class TopKCache:
     """A verified top-K file: ``lookup(user)`` -> [(external item id, score), ...], best first."""
 
-    def __init__(self, path: str | Path, model_file: str | Path | None = None, dataset: Any = None) -> None:
+    def __init__(self, path: str | Path, model_file: str | Path | None = None, dataset: Any = None,
+                 trust: bool = False) -> None:
+        from recbole_llmalign.compat import load_checkpoint
+        from recbole_llmalign.safe_load import UnsafeCheckpointError
+
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"Top-K cache {path} does not exist; build it with `precompute --model_file ... --output {path}`.")
         try:
-            payload = torch.load(path, map_location="cpu", weights_only=True)  # plain data: no code runs on load
+            payload = load_checkpoint(path, map_location="cpu", trust=trust)  # plain data: nothing outside the allowlist
+        except UnsafeCheckpointError:
+            raise
         except Exception as error:  # truncated or not a torch file
             raise ValueError(f"Top-K cache {path} is unreadable ({type(error).__name__}); delete it and run precompute again.") from error
         if not isinstance(payload, dict) or payload.get("format") != FORMAT_VERSION or payload.get("payload_sha256") != _payload_hash(payload):

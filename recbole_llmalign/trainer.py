@@ -1,22 +1,28 @@
-"""What RecBole's Trainer cannot do on its own: a wall-clock budget, per-epoch cost records,
-crash-safe checkpoints and resuming an interrupted run.
+"""What RecBole's Trainer cannot do on its own, and the plugin's small per-model trainers.
 
 ``with_run_controls(TrainerClass)`` returns a subclass of any RecBole trainer that
-- records the seconds of every training epoch and validation pass;
+- records the seconds of every training epoch and validation pass, why training stopped
+  (``stopped_by``: ``early_stop``, ``budget`` or ``epochs``) and the last full-ranking evaluation's
+  per-user metrics (``evaluator.PerUserMetricsMixin``);
 - stops training cleanly once ``train_time_budget`` seconds have passed (the best checkpoint so
   far is kept and evaluated);
 - writes checkpoints atomically (a kill mid-write leaves the previous file intact);
 - with ``save_latest_state``, writes the state at every epoch boundary (model, optimizer, RNG
   and data-order state, best score so far) to ``<checkpoint_dir>/latest/``, keyed by the run's
   config; with ``resume_from_latest``, a rerun of the same config continues from it and ends
-  with the same metrics as an uninterrupted run.
+  with the same metrics as an uninterrupted run;
+- evaluates under the plugin's protocol switches (``evaluator.HistoryExclusionMixin``).
 Metrics are otherwise exactly those of the wrapped trainer.
+
+Per-model trainers, in the style of RecBole-GNN's ``trainer.py``, each override one step:
+``AlignSASRecTrainer`` (all-positions windows, held-out targets), ``SampleBudgetTrainer`` (a
+data-efficient subset from ``data/sampling.py``), ``AlignLLMRecTrainer`` (stacking candidates,
+validation of the untrained model; also AlignLLMRecCTR's, found through the model's class) and
+``AlignGenRecTrainer`` (fits the item tokenizer once, before the optimizer is built).
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import random
 import time
@@ -26,12 +32,28 @@ from typing import Any
 import numpy as np
 from recbole.trainer import Trainer
 
+from recbole_llmalign.compat import remember_own_checkpoint
+from recbole_llmalign.data.sampling import (
+    all_positions_index,
+    distance_to_user_end,
+    sample_budget_rows,
+    select_training_rows,
+)
+from recbole_llmalign.evaluator import HistoryExclusionMixin, PerUserMetricsMixin
+from recbole_llmalign.io import atomic_write_with, config_key, torch_save_atomic
+
+
+def peft_adapter_dir(checkpoint: str | Path) -> Path:
+    """``<checkpoint without .pth>-lora/``: where a LoRA model's adapter is saved in peft's format."""
+    path = Path(checkpoint)
+    return path.with_name(f"{path.stem}-lora")
+
 
 class TimeBudgetReached(Exception):
     """Raised between epochs when ``train_time_budget`` is used up; caught by quick_start."""
 
 
-class RunControlsMixin:
+class RunControlsMixin(PerUserMetricsMixin):
     """Epoch timing and a wall-clock training budget for any RecBole trainer."""
 
     config: Any
@@ -46,6 +68,7 @@ class RunControlsMixin:
         self.valid_curve: list[tuple[float, float]] = []  # (seconds since fit start, valid score) per validation
         self.time_to_best: float = 0.0  # seconds from fit start to the end of the best validation
         self.best_epoch: int = 0
+        self.stopped_by: str = ""  # once fit returns: "early_stop", "budget" or "epochs" (report.STOP_REASONS)
         self._fit_started: float | None = None
         self._first_epoch = 0
 
@@ -86,40 +109,34 @@ class RunControlsMixin:
             self._resume_latest_state(train_data)
         try:
             result = super().fit(train_data, valid_data, *args, **kwargs)  # type: ignore[misc]
+            # RecBole's early_stopping ends its loop once cur_step (validations without improvement) passes stopping_step
+            self.stopped_by = "early_stop" if self.cur_step > self.stopping_step else "epochs"  # type: ignore[attr-defined]
         except TimeBudgetReached as stop:
+            self.stopped_by = "budget"
             self.logger.info(f"Stopping: {stop}; evaluating the best checkpoint so far.")
             result = self.best_valid_score, self.best_valid_result  # type: ignore[attr-defined]
         self._save_latest_state(train_data, self.epochs, finished=True)  # type: ignore[attr-defined]
         return result
 
-    def _full_sort_batch_eval(self, batched_data: Any) -> Any:
-        """RecBole's full-ranking batch; with ``exclude_history_items`` the items of each user's input
-        history score -inf (RecBole masks training items only for general models, whose loaders
-        carry a history index; sequential loaders carry none)."""
-        interaction, scores, positive_u, positive_i = super()._full_sort_batch_eval(batched_data)  # type: ignore[misc]
-        history_field = f"{self.config['ITEM_ID_FIELD']}{self.config['LIST_SUFFIX']}"
-        if self.config["exclude_history_items"] and history_field in interaction:
-            scores.scatter_(1, interaction[history_field].to(scores.device), float("-inf"))  # pad id 0 is -inf already
-        return interaction, scores, positive_u, positive_i
-
     # ---- crash safety ----
     def _save_checkpoint(self, epoch: int, verbose: bool = True, **kwargs: Any) -> None:
         """RecBole's checkpoint, written to a temporary file and moved into place."""
         target = kwargs.pop("saved_model_file", self.saved_model_file)  # type: ignore[attr-defined]
-        temp = f"{target}.tmp-{os.getpid()}"
-        super()._save_checkpoint(epoch, verbose=False, saved_model_file=temp, **kwargs)  # type: ignore[misc]
-        if os.path.isfile(temp):  # other ranks write nothing
-            os.replace(temp, target)
+        save = super()._save_checkpoint  # type: ignore[misc]
+        written = atomic_write_with(target, lambda temp: save(epoch, verbose=False, saved_model_file=temp, **kwargs))
+        if written:  # other ranks write nothing
+            remember_own_checkpoint(target)  # RecBole reloads it for testing: a file this run wrote is trusted
             if verbose:
                 self.logger.info(f"Saving current: {target}")
+        if written and hasattr(self.model, "save_peft_adapter"):  # LLM models with LoRA: peft's own format beside it
+            self.model.save_peft_adapter(peft_adapter_dir(target))
 
     def latest_state_file(self) -> Path:
         """``<checkpoint_dir>/latest/<model>-<dataset>-<config hash>.pth``: one per run config."""
         config = self.config
         settings = {k: v for k, v in config.external_config_dict.items()
-                    if k not in ("resume_from_latest", "save_latest_state", "local_rank")}  # one file for all ranks
-        digest = hashlib.sha256(json.dumps({"model": config["model"], "dataset": config["dataset"], **settings},
-                                           sort_keys=True, default=str).encode()).hexdigest()[:16]
+                    if k not in ("resume_from_latest", "save_latest_state", "trust_checkpoint", "local_rank")}  # one file for all ranks
+        digest = config_key({"model": config["model"], "dataset": config["dataset"], **settings})
         return Path(config["checkpoint_dir"]) / "latest" / f"{config['model']}-{config['dataset']}-{digest}.pth"
 
     def _save_latest_state(self, train_data: Any, next_epoch: int, finished: bool = False) -> None:
@@ -136,11 +153,7 @@ class RunControlsMixin:
             "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
                     "data_order": train_data.generator.get_state() if hasattr(train_data, "generator") else None},
         }
-        path = self.latest_state_file()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        temp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        torch.save(state, temp)
-        os.replace(temp, path)
+        torch_save_atomic(state, self.latest_state_file())
 
     def _resume_latest_state(self, train_data: Any) -> None:
         import numpy as np
@@ -152,7 +165,7 @@ class RunControlsMixin:
             self.logger.info(f"resume_from_latest: no saved state at {path}; training from the start.")
             return
         try:
-            state = load_checkpoint(path, map_location="cpu")
+            state = load_checkpoint(path, map_location="cpu", trust=bool(self.config["trust_checkpoint"]))
             if state["finished"]:
                 self.logger.info(f"resume_from_latest: the run saved at {path} had finished; training from the start.")
                 return
@@ -181,53 +194,26 @@ _wrapped: dict[type, type] = {}
 
 
 def with_run_controls(trainer_class: type) -> type:
-    """Subclass ``trainer_class`` with :class:`RunControlsMixin` (cached per class)."""
+    """Subclass ``trainer_class`` with :class:`RunControlsMixin` and the evaluation protocol (cached per class)."""
     if issubclass(trainer_class, RunControlsMixin):
         return trainer_class
     if trainer_class not in _wrapped:
-        _wrapped[trainer_class] = type(trainer_class.__name__, (RunControlsMixin, trainer_class), {})
+        _wrapped[trainer_class] = type(trainer_class.__name__, (RunControlsMixin, HistoryExclusionMixin, trainer_class), {})
     return _wrapped[trainer_class]
 
 
-def distance_to_user_end(user_ids: np.ndarray) -> np.ndarray:
-    """For each row of a prefix-augmented training set (users' rows contiguous, in time order):
-    how many rows of the same user follow it (0 = the user's last training target)."""
-    n_rows = len(user_ids)
-    is_last = np.r_[user_ids[1:] != user_ids[:-1], True]
-    ends = np.flatnonzero(is_last)
-    return ends[np.searchsorted(ends, np.arange(n_rows))] - np.arange(n_rows)
-
-
-def all_positions_index(user_ids: np.ndarray, window: int, holdout: int = 0) -> np.ndarray:
-    """Rows of a prefix-augmented training set that tile each user's history without overlap.
-
-    RecBole's sequential training set has one row per prefix (history -> next item), users'
-    rows contiguous and in time order. Keeping the user's last row and every ``window``-th row
-    before it gives windows whose targets cover every training interaction exactly once; with a
-    loss at every position, one pass over them is one pass over the data. ``holdout`` > 0 leaves
-    each user's last ``holdout`` targets out of every window (they stay visible as inputs only).
-    """
-    distance = distance_to_user_end(user_ids) - holdout
-    return np.flatnonzero((distance >= 0) & (distance % window == 0))
-
-
 def stacking_holdout(config: Any) -> int:
-    """Last training targets per user that AlignLLMRec's backbone holds out and AlignLLMRec trains on.
-
-    Stacking is a ranking recipe: labeled pairs (``task: labeled``) carry negatives and labels, and
-    their backbone scores them as features, so there it is always 0.
-    """
-    if (config["task"] or "ranking") != "ranking":
-        return 0
-    return int(config["holdout_last_targets"] or 0)
+    """Last training targets per user that the backbone holds out and the LLM model trains on
+    (``holdout_last_targets`` of the model's YAML; 0 for models without stacking)."""
+    return int(config["holdout_last_targets"]) if "holdout_last_targets" in config else 0
 
 
-class AlignSASRecTrainer(RunControlsMixin, Trainer):
+class AlignSASRecTrainer(RunControlsMixin, HistoryExclusionMixin, Trainer):
     """RecBole's Trainer; in ``all_positions`` mode it trains on one window per user span."""
 
     def fit(self, train_data: Any, valid_data: Any = None, *args: Any, **kwargs: Any) -> Any:
-        holdout = int(self.config["holdout_last_targets"] or 0)
-        if getattr(self.model, "train_mode", "prefix") == "all_positions":
+        holdout = int(self.config["holdout_last_targets"])
+        if self.model.train_mode == "all_positions":
             train_data = self._all_positions_loader(train_data, holdout)
         elif holdout > 0:
             users = train_data._dataset.inter_feat[train_data._dataset.uid_field].numpy()
@@ -258,63 +244,79 @@ def subset_loader(config: Any, train_data: Any, index: np.ndarray, batch_size: i
     return SubsetLoader(config, subset, train_data._sampler, shuffle=config["shuffle"])
 
 
-class AlignLLMRecTrainer(RunControlsMixin, Trainer):
-    """RecBole's Trainer on a data-efficient subset: a sample budget filled by diversity buckets,
-    after an optional denoising filter (``train_sample_budget``, ``diversity_buckets``, ``denoise_samples``)."""
+class SampleBudgetTrainer(RunControlsMixin, HistoryExclusionMixin, Trainer):
+    """RecBole's Trainer on a data-efficient subset (RA-Rec): ``train_sample_budget`` rows filled by
+    ``diversity_buckets`` after an optional denoising filter (``denoise_samples``)."""
 
-    def fit(self, train_data: Any, valid_data: Any = None, *args: Any, **kwargs: Any) -> Any:
+    holdout = 0  # stacking: subclasses train on each user's last N targets only
+
+    def fit(self, train_data: Any, valid_data: Any = None, verbose: bool = True, saved: bool = True,
+            show_progress: bool = False, callback_fn: Any = None) -> Any:
         index = self.select_samples(train_data._dataset)
         self.training_samples = len(index)
         self.logger.info(f"{self.config['model']} trains on {len(index)} of {len(train_data._dataset)} training samples.")
         loader = subset_loader(self.config, train_data, index, int(self.config["train_batch_size"]))
-        if valid_data is not None and self.config["validate_before_training"]:
-            self._validate_start(valid_data, saved=kwargs.get("saved", args[1] if len(args) > 1 else True))
-        return super().fit(loader, valid_data, *args, **kwargs)
+        self.before_training(valid_data, saved)
+        return super().fit(loader, valid_data, verbose, saved, show_progress, callback_fn)
 
-    def _validate_start(self, valid_data: Any, saved: bool) -> None:
+    def before_training(self, valid_data: Any, saved: bool) -> None:
+        """Hook run after the samples are chosen and before the first epoch."""
+
+    def select_samples(self, dataset: Any) -> np.ndarray:
+        from recbole_llmalign.data.item_text import item_texts
+        from recbole_llmalign.data.sampling import content_words
+
+        config, inter = self.config, dataset.inter_feat
+        item_words = None
+        if config["denoise_samples"] and config["item_text_fields"]:
+            item_words = [content_words(t) for t in item_texts(dataset, config["item_text_fields"])]
+        targets = inter[dataset.iid_field].numpy()
+        index, notes = select_training_rows(
+            inter[dataset.iid_field + config["LIST_SUFFIX"]].numpy(), inter[config["ITEM_LIST_LENGTH_FIELD"]].numpy(),
+            targets, inter[dataset.uid_field].numpy(), budget_rows=sample_budget_rows(float(config["train_sample_budget"]),
+                                                                                       len(targets)),
+            buckets=int(config["diversity_buckets"]), seed=int(config["seed"]), item_words=item_words,
+            holdout=self.holdout)
+        for note in notes:
+            self.logger.info(note)
+        return index
+
+
+class AlignLLMRecTrainer(SampleBudgetTrainer):
+    """Stacking samples (each user's last ``holdout_last_targets`` targets, which the backbone never
+    fit) and, with ``validate_before_training``, the untrained model validated first."""
+
+    def __init__(self, config: Any, model: Any) -> None:
+        super().__init__(config, model)
+        self.holdout = stacking_holdout(config)
+        trained = model.backbone_holdout
+        if self.holdout > trained:
+            self.logger.warning(
+                f"backbone_checkpoint was trained with holdout_last_targets={trained}, so it has fit the "
+                f"{self.holdout} held-out target(s) per user this model trains on, and stacking loses its point. Train the "
+                f"backbone with --holdout_last_targets={self.holdout}, or leave backbone_checkpoint empty to have it trained so.")
+
+    def before_training(self, valid_data: Any, saved: bool) -> None:
         """Score the untrained model and make it the best so far.
 
         With the zero-initialised residual head the untrained model ranks exactly as the frozen
         backbone, so model selection on valid can never end below the backbone: an epoch that
         does not beat it on valid is not kept.
         """
-        score, result = self._valid_epoch(valid_data, show_progress=False)
+        if valid_data is None or not self.config["validate_before_training"]:
+            return
+        score, result = self._valid_epoch(valid_data, show_progress=bool(self.config["show_progress"]))
         self.best_valid_score, self.best_valid_result = score, result
         self.logger.info(f"before training (backbone ranking): valid {self.config['valid_metric']} = {score:.4f}")
         if saved:
             self._save_checkpoint(-1, verbose=False)
 
-    def select_samples(self, dataset: Any) -> np.ndarray:
-        from recbole_llmalign.data.item_text import item_texts
-        from recbole_llmalign.data.sampling import content_words, denoise_mask, diversity_sample
 
-        config = self.config
-        targets = dataset.inter_feat[dataset.iid_field].numpy()
-        lengths = dataset.inter_feat[config["ITEM_LIST_LENGTH_FIELD"]].numpy()
-        budget = float(config["train_sample_budget"])
-        budget_rows = int(round(budget * len(targets))) if budget <= 1 else int(budget)
-        candidates = None
-        if config["denoise_samples"] and config["item_text_fields"]:
-            words = [content_words(t) for t in item_texts(dataset, config["item_text_fields"])]
-            histories = dataset.inter_feat[dataset.iid_field + config["LIST_SUFFIX"]].numpy()
-            candidates = denoise_mask(histories, targets, words)
-            self.logger.info(f"denoising kept {int(candidates.sum())} of {len(targets)} samples.")
-        holdout = stacking_holdout(config)
-        if holdout > 0:  # stacking: train on the targets the backbone never saw as targets
-            users = dataset.inter_feat[dataset.uid_field].numpy()
-            held = distance_to_user_end(users) < holdout
-            candidates = held if candidates is None else candidates & held
-            self.logger.info(f"holdout_last_targets={holdout}: {int(held.sum())} held-out samples are the candidates.")
-            trained_holdout = getattr(getattr(self.model, "backbone", None), "trained_holdout", holdout)
-            if trained_holdout < holdout:
-                self.logger.warning(
-                    f"backbone_checkpoint was trained with holdout_last_targets={trained_holdout}, so it has fit the "
-                    f"{holdout} held-out target(s) per user this model trains on, and stacking loses its point. Train the "
-                    f"backbone with --holdout_last_targets={holdout}, or leave backbone_checkpoint empty to have it trained so.")
-        buckets = int(config["diversity_buckets"])
-        return diversity_sample(lengths, targets, budget_rows, buckets, buckets, seed=int(config["seed"]),
-                                candidates=candidates)
+class AlignGenRecTrainer(SampleBudgetTrainer):
+    """Fits AlignGenRec's item tokenizer once, before RecBole builds the optimizer (the code rows it
+    creates are trainable), unless the model already holds codes (a loaded checkpoint)."""
 
-
-class AlignGenRecTrainer(AlignLLMRecTrainer):
-    """The same sample budget (diversity buckets, optional denoising) for the generative tasks."""
+    def __init__(self, config: Any, model: Any) -> None:
+        if not model.has_item_codes:
+            model.fit_item_tokenizer(config)
+        super().__init__(config, model)

@@ -66,7 +66,8 @@ def _config(trained_backbone, tiny_llama_dir, **overrides):
     return name, cyclic_config(data_path, **settings)
 
 
-def _build(trained_backbone, tiny_llama_dir, **overrides):
+def _build(trained_backbone, tiny_llama_dir, fit: bool = True, **overrides):
+    """The model as the trainer receives it, with its item tokenizer fitted (as the trainer does) when ``fit``."""
     from recbole.data import create_dataset, data_preparation
 
     from recbole_llmalign.config import Config
@@ -75,7 +76,10 @@ def _build(trained_backbone, tiny_llama_dir, **overrides):
     name, settings = _config(trained_backbone, tiny_llama_dir, **overrides)
     config = Config(model="AlignGenRec", dataset=name, config_dict=settings)
     data = data_preparation(config, create_dataset(config))
-    return config, get_model("AlignGenRec")(config, data[0]._dataset), data
+    model = get_model("AlignGenRec")(config, data[0]._dataset)
+    if fit:
+        model.fit_item_tokenizer(config)
+    return config, model, data
 
 
 def test_task_prompts_carry_codes_titles_and_negatives(trained_backbone, tiny_llama_dir):
@@ -116,7 +120,9 @@ def test_generation_only_yields_real_items_and_learns_a_fixed_next_item(trained_
     assert result["test_result"]["hit@1"] >= 0.9, result["test_result"]
 
     from recbole_llmalign.quick_start import load_data_and_model
+    from recbole_llmalign.trainer import peft_adapter_dir
 
+    assert (peft_adapter_dir(cost.checkpoint) / "adapter_model.safetensors").is_file()  # LoRA r=8: peft's format beside it
     config, model, dataset, _, _, test = load_data_and_model(cost.checkpoint)
     batch = next(iter(test))[0]
     items, scores = model.generate(batch[model.ITEM_SEQ], batch[model.ITEM_SEQ_LEN])
@@ -137,17 +143,40 @@ def test_generation_only_yields_real_items_and_learns_a_fixed_next_item(trained_
     assert (renormalized[both] > full[both] + 1e-5).any()
 
 
-def test_checkpoint_holds_trainables_and_codes_and_refuses_other_codebooks(trained_backbone, tiny_llama_dir, tmp_path):
-    _, model, _ = _build(trained_backbone, tiny_llama_dir)
+def test_checkpoint_holds_trainables_and_codes_and_loading_never_refits(trained_backbone, tiny_llama_dir, tmp_path,
+                                                                          monkeypatch):
+    config, model, (_, _, test) = _build(trained_backbone, tiny_llama_dir)
     state = model.state_dict()
-    assert "item_codes" in state and "code_embeddings" in state
+    assert {"item_codes", "code_level_sizes", "code_embeddings"} <= set(state)
     assert not any(k.startswith("backbone.") for k in state)
     assert not any("lora" not in k for k in state if k.startswith("llm."))  # no frozen LLM weight
     torch.save(state, tmp_path / "genrec.pth")
     assert (tmp_path / "genrec.pth").stat().st_size < 2_000_000
-    _, other, _ = _build(trained_backbone, tiny_llama_dir, codebook_levels=2)
-    with pytest.raises(RuntimeError, match="codebook"):
-        other.load_state_dict(state)
+
+    import recbole_llmalign.model.align_genrec as module
+
+    def refit(*args, **kwargs):
+        raise AssertionError("the item tokenizer was refitted")
+
+    monkeypatch.setattr(module, "fit_codebook", refit)
+    # built with another codebook layout and never fitted: the checkpoint's codes define the layout
+    _, loaded, _ = _build(trained_backbone, tiny_llama_dir, fit=False, codebook_levels=2)
+    assert not loaded.has_item_codes  # the constructor fits nothing
+    with pytest.raises(RuntimeError, match="item tokenizer is not fitted"):
+        loaded.generate(torch.tensor([[1, 2, 0]]), torch.tensor([2]))
+    loaded.load_state_dict(torch.load(tmp_path / "genrec.pth"))
+    assert torch.equal(loaded.item_codes, model.item_codes) and loaded.codes_per_level == model.codes_per_level
+    model.eval()
+    loaded.eval()
+    batch = next(iter(test))[0]
+    assert torch.allclose(model.full_sort_predict(batch), loaded.full_sort_predict(batch), atol=1e-5)
+    # a checkpoint from before code_level_sizes was stored loads too (L levels of codebook_size codes)
+    _, legacy, _ = _build(trained_backbone, tiny_llama_dir, fit=False)
+    legacy.load_state_dict({k: v for k, v in state.items() if k != "code_level_sizes"})
+    assert legacy.codes_per_level == model.codes_per_level
+    wrong_items = {**state, "item_codes": state["item_codes"][:-1]}
+    with pytest.raises(RuntimeError, match="codes for 30 items, this dataset has 31"):
+        legacy.load_state_dict(wrong_items)
 
 
 def test_bad_settings_are_refused(trained_backbone, tiny_llama_dir):

@@ -67,15 +67,16 @@ def test_soft_tokens_carry_projected_cf_vectors_and_prefixes_have_layer_shapes(t
     model.eval()  # projector dropout off, so the same inputs give the same soft tokens
     batch = next(iter(train))
     seq, lengths = batch[model.ITEM_SEQ][:4], batch[model.ITEM_SEQ_LEN][:4]
-    user = model._user_vectors(seq, lengths)
-    embeds, mask, ids = model.prompt_embeddings(seq, lengths, user)
+    user = model.user_vectors(seq, lengths)
+    embeds, mask = model.prompt_embeddings(seq, lengths, user)
+    ids = model.prompts.assemble(seq, lengths).token_ids
     row, position = (ids == USER_SLOT).nonzero()[0].tolist()
     assert torch.allclose(embeds[row, position], model.user_projector(user)[row])
-    _, item_ids, fused = model._item_side()
+    fused = model.item_side().fused_text
     slot = (ids == SEMANTIC_SLOT).nonzero()[0].tolist()
     item = model.prompts.assemble(seq, lengths).slot_items[slot[0], slot[1]]
     assert torch.allclose(embeds[slot[0], slot[1]], model.semantic_projector(fused[item]))
-    cache, length = model._prefix_cache(user)
+    cache, length = model.prefix_cache(user)
     instruction_tokens = model.instruction_ids.size(1)
     assert instruction_tokens > 0
     assert length == instruction_tokens + 4 + 2  # fixed instruction text + instruction prefix + layer prefix
@@ -138,7 +139,7 @@ def test_length_bucketed_evaluation_returns_scores_in_input_order(trained_backbo
     assert len(set(predicted)) > 1
     scores = model.full_sort_predict({model.ITEM_SEQ: seq, model.ITEM_SEQ_LEN: lengths})
     with torch.no_grad():
-        one_by_one = torch.cat([model._scores_and_query({model.ITEM_SEQ: seq[i:i + 1], model.ITEM_SEQ_LEN: lengths[i:i + 1]})[0]
+        one_by_one = torch.cat([model.scores_and_query(seq[i:i + 1], lengths[i:i + 1])[0]
                                 for i in range(len(seq))])
     assert torch.allclose(scores, one_by_one, atol=1e-4)
 
@@ -147,7 +148,7 @@ def test_ablation_switches_build_and_run(trained_backbone, tiny_llama_dir):
     _, model, (_, _, test) = _build(trained_backbone, tiny_llama_dir, use_layer_prefix=False, use_instruction_prefix=False,
                                     prompt_mode="titles", lora_r=2)
     assert not hasattr(model, "layer_prefix") and not hasattr(model, "instruction_prefix")
-    assert model._prefix_cache(torch.zeros(1, 16))[1] == model.instruction_ids.size(1)  # fixed text only
+    assert model.prefix_cache(torch.zeros(1, 16))[1] == model.instruction_ids.size(1)  # fixed text only
     assert any("lora_" in n for n in model.state_dict())
     model.eval()
     assert torch.isfinite(model.full_sort_predict(next(iter(test))[0])).all()
@@ -207,8 +208,8 @@ def test_cached_instruction_equals_running_the_instruction_inline(trained_backbo
     interaction = next(iter(test))[0]
     seq, lengths = interaction[model.ITEM_SEQ][:1], interaction[model.ITEM_SEQ_LEN][:1]
     with torch.no_grad():
-        cached_state, user = model._llm_states(seq, lengths)
-        embeds, mask, _ = model.prompt_embeddings(seq, lengths, user)
+        cached_state, user = model.llm_states(seq, lengths)
+        embeds, mask = model.prompt_embeddings(seq, lengths, user)
         instruction = model.decoder.embed_tokens(model.instruction_ids)
         inline = model.decoder(inputs_embeds=torch.cat([instruction, embeds], dim=1)).last_hidden_state[:, -1]
     assert torch.allclose(cached_state, inline, atol=1e-5)
@@ -247,28 +248,42 @@ def test_by_default_the_automatic_backbone_holds_out_last_targets_and_alignllmre
 
 
 def test_stacking_is_a_ranking_recipe_and_labeled_pairs_ignore_it():
+    import yaml
+
+    from recbole_llmalign.config import model_property_files
     from recbole_llmalign.trainer import stacking_holdout
+    from recbole_llmalign.utils import get_model
 
-    assert stacking_holdout({"task": "ranking", "holdout_last_targets": 2}) == 2
-    assert stacking_holdout({"task": "labeled", "holdout_last_targets": 2}) == 0
-    assert stacking_holdout({"task": None, "holdout_last_targets": None}) == 0  # AlignGenRec has neither key
+    assert stacking_holdout({"holdout_last_targets": 2}) == 2
+    assert stacking_holdout({}) == 0  # AlignGenRec has no such key
+
+    def default(model: str) -> int:
+        values: dict = {}
+        for file in model_property_files(get_model(model)):
+            values.update(yaml.safe_load(file.read_text()))
+        return stacking_holdout(values)
+
+    assert default("AlignLLMRec") == 1 and default("AlignLLMRecCTR") == 0 and default("AlignGenRec") == 0
 
 
-def test_stacking_on_a_backbone_that_fit_the_held_out_targets_warns_and_names_the_fix(trained_backbone, tiny_llama_dir):
+def test_stacking_on_a_backbone_that_fit_the_held_out_targets_warns_and_names_the_fix(trained_backbone, tiny_llama_dir,
+                                                                                      caplog):
+    import logging
+
     from recbole_llmalign.trainer import AlignLLMRecTrainer
 
     config, model, (train, _, _) = _build(trained_backbone, tiny_llama_dir, holdout_last_targets=1, denoise_samples=False)
-    assert model.backbone.trained_holdout == 0  # the fixture's backbone trained on every target
-    trainer = AlignLLMRecTrainer(config, model)
-    warnings: list[str] = []
-    trainer.logger.warning = warnings.append
-    index = trainer.select_samples(train._dataset)
-    assert len(index) == 120  # still one held-out sample per user: defined behaviour, not an error
+    assert model.backbone_holdout == 0  # the fixture's backbone trained on every target
+    with caplog.at_level(logging.WARNING):
+        trainer = AlignLLMRecTrainer(config, model)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and "backbone_checkpoint" in r.getMessage()]
     assert len(warnings) == 1 and "holdout_last_targets=0" in warnings[0] and "--holdout_last_targets=1" in warnings[0]
-    warnings.clear()
-    model.backbone.trained_holdout = 1  # a backbone trained the stacking way: no warning
-    trainer.select_samples(train._dataset)
-    assert warnings == []
+    assert len(trainer.select_samples(train._dataset)) == 120  # still one held-out sample per user: defined, not an error
+    caplog.clear()
+    model.backbone_holdout = 1  # a backbone trained the stacking way: no warning
+    with caplog.at_level(logging.WARNING):
+        AlignLLMRecTrainer(config, model)
+    assert not [r for r in caplog.records if r.levelno == logging.WARNING and "backbone_checkpoint" in r.getMessage()]
 
 
 @pytest.mark.slow
@@ -301,23 +316,35 @@ def tiny_t5_dir(tmp_path):
     return folder
 
 
-def test_encoder_decoder_llm_takes_soft_tokens_and_trains(trained_backbone, tiny_t5_dir):
-    _, model, (train, _, test) = _build(trained_backbone, tiny_t5_dir, use_layer_prefix=False, use_instruction_prefix=False)
-    assert model.is_encoder_decoder
-    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if n.startswith("llm.")}
-    projector_before = model.user_projector.net[0].weight.detach().clone()
-    model.train()
-    batch = next(iter(train))
-    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    for _ in range(2):  # the zero-initialised head passes gradient back from the second step on
-        optimizer.zero_grad()
-        sum(model.calculate_loss(batch)).backward()
-        optimizer.step()
-    assert all(p.grad is None for n, p in model.named_parameters() if n.startswith("llm."))
-    assert not torch.equal(model.user_projector.net[0].weight, projector_before)  # soft tokens reach the loss
-    assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if n in frozen)
-    model.eval()
-    interaction = next(iter(test))[0]
-    assert model.full_sort_predict(interaction).shape == (len(interaction), model.n_items)
-    with pytest.raises(ValueError, match="encoder-decoder LLM.*use_layer_prefix: False"):
-        _build(trained_backbone, tiny_t5_dir)
+def test_encoder_decoder_llm_is_refused_with_the_reason(trained_backbone, tiny_t5_dir):
+    """Soft tokens, per-layer key/value prefixes and cached instruction key/values are decoder mechanisms."""
+    with pytest.raises(ValueError, match="holds an encoder-decoder model, not a decoder-only causal LM"):
+        _build(trained_backbone, tiny_t5_dir, use_layer_prefix=False, use_instruction_prefix=False)
+
+
+def test_lora_adapter_is_saved_in_peft_format_and_loads_with_peft(trained_backbone, tiny_llama_dir, tmp_path):
+    from peft import PeftModel
+
+    from recbole_llmalign.llm.loader import load_causal_lm
+    from recbole_llmalign.trainer import peft_adapter_dir
+
+    _, model, _ = _build(trained_backbone, tiny_llama_dir, lora_r=2)
+    with torch.no_grad():  # LoRA's B starts at zero; make the adapter change the output
+        for name, parameter in model.llm.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0, 0.5)
+    folder = peft_adapter_dir(tmp_path / "AlignLLMRec-test.pth")
+    assert folder.name == "AlignLLMRec-test-lora"
+    assert model.save_peft_adapter(folder)
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= {p.name for p in folder.iterdir()}
+    base = load_causal_lm(str(tiny_llama_dir), llm_layers=2).model
+    reloaded = PeftModel.from_pretrained(base, folder).eval()
+    ids = torch.tensor([[5, 6, 7, 9]])
+    model.llm.eval()
+    with torch.no_grad():
+        ours, theirs = model.llm(input_ids=ids).logits, reloaded(input_ids=ids).logits
+    assert torch.allclose(ours, theirs, atol=1e-5)
+    with reloaded.disable_adapter(), torch.no_grad():
+        assert not torch.allclose(reloaded(input_ids=ids).logits, ours, atol=1e-3)  # the adapter is what differs
+    _, frozen, _ = _build(trained_backbone, tiny_llama_dir)
+    assert not frozen.save_peft_adapter(tmp_path / "none") and not (tmp_path / "none").exists()

@@ -66,20 +66,37 @@ def test_alignllmrec_labeled_task_learns_the_label_and_reports_auc_and_uauc(labe
     from recbole_llmalign.quick_start import run_with_cost
 
     data_path, name = labeled_dataset
-    config = _labeled_config(data_path, task="labeled", llm_path=str(tiny_llama_dir), llm_layers=2, answer_words=["yes", "no"],
+    config = _labeled_config(data_path, llm_path=str(tiny_llama_dir), llm_layers=2, answer_words=["yes", "no"],
                              train_batch_size=64, train_sample_budget=1.0, epochs=12, backbone_epochs=3, eval_batch_size=256)
-    result, _ = run_with_cost("AlignLLMRec", name, config_dict=config)
+    result, _ = run_with_cost("AlignLLMRecCTR", name, config_dict=config)
     assert set(result["test_result"]) >= {"auc", "uauc"}
     assert result["test_result"]["auc"] > 0.9  # chance is 0.5
     assert 0 <= result["test_result"]["uauc"] <= 1
     # every item has ~45 training interactions: no cold candidate, so the warm slice is the whole test set
     assert "test_cold_result" not in result
     assert result["test_warm_result"]["auc"] == pytest.approx(result["test_result"]["auc"])
-    checkpoint = sorted(Path("saved").glob("AlignLLMRec-*.pth"))[-1]
-    assert {"backbone_score_weight", "label_bias"} <= set(torch.load(checkpoint, weights_only=False)["state_dict"])
+    checkpoint = sorted(Path("saved").glob("AlignLLMRecCTR-*.pth"))[-1]
+    saved = torch.load(checkpoint, weights_only=False)
+    assert {"backbone_score_weight", "label_bias"} <= set(saved["state_dict"])
+
+    # a checkpoint written before AlignLLMRecCTR existed: AlignLLMRec with task: labeled, an unused
+    # ranking head, and no keys added since; it loads as AlignLLMRecCTR and scores the same
+    from recbole_llmalign.quick_start import load_data_and_model
+
+    legacy = saved["config"]
+    legacy.final_config_dict.update(model="AlignLLMRec", task="labeled")
+    legacy.final_config_dict.pop("explanation_max_tokens")
+    legacy.model = "AlignLLMRec"
+    saved["state_dict"].update({"ranking_head.weight": torch.zeros(16, 32), "ranking_head.bias": torch.zeros(16)})
+    torch.save(saved, "legacy.pth")
+    config, model, _, _, _, test = load_data_and_model("legacy.pth")
+    assert type(model).__name__ == "AlignLLMRecCTR" and config["explanation_max_tokens"] == 24
+    _, current, _, _, _, _ = load_data_and_model(str(checkpoint))
+    batch = next(iter(test))[0]
+    assert torch.allclose(model.predict(batch), current.predict(batch))
 
 
-def test_labeled_task_refuses_full_ranking(trained_backbone, tiny_llama_dir):
+def test_labeled_model_refuses_full_ranking_and_the_old_task_key_names_the_new_model(trained_backbone, tiny_llama_dir):
     from recbole.data import create_dataset, data_preparation
 
     from recbole_llmalign.config import Config
@@ -88,20 +105,19 @@ def test_labeled_task_refuses_full_ranking(trained_backbone, tiny_llama_dir):
 
     data_path, name, checkpoint = trained_backbone
     settings = dict(item_text_fields=["title"], backbone_checkpoint=checkpoint, llm_path=str(tiny_llama_dir), llm_layers=2,
-                    task="labeled", answer_words=["yes", "no"])
-    config = Config(model="AlignLLMRec", dataset=name, config_dict=cyclic_config(data_path, **settings))
+                    answer_words=["yes", "no"])
+    config = Config(model="AlignLLMRecCTR", dataset=name, config_dict=cyclic_config(data_path, **settings))
     train, _, test = data_preparation(config, create_dataset(config))
     with pytest.raises(ValueError, match="'label_list', which this dataset does not have"):  # no label field at all
-        get_model("AlignLLMRec")(config, train._dataset)
-    config = Config(model="AlignLLMRec", dataset=name, config_dict=cyclic_config(
+        get_model("AlignLLMRecCTR")(config, train._dataset)
+    config = Config(model="AlignLLMRecCTR", dataset=name, config_dict=cyclic_config(
         data_path, history_label_words=None, label_rate_features=False, **settings))
-    model = get_model("AlignLLMRec")(config, train._dataset).eval()
-    with pytest.raises(ValueError, match="task: labeled scores .* pairs"):
+    model = get_model("AlignLLMRecCTR")(config, train._dataset).eval()
+    with pytest.raises(ValueError, match="AlignLLMRecCTR scores .* pairs"):
         model.full_sort_predict(next(iter(test))[0])
-    with pytest.raises(ValueError, match="task must be one of"):
+    with pytest.raises(ValueError, match="task: labeled is now its own model: run --model=AlignLLMRecCTR"):
         get_model("AlignLLMRec")(Config(model="AlignLLMRec", dataset=name, config_dict=cyclic_config(
-            data_path, item_text_fields=["title"], backbone_checkpoint=checkpoint, llm_path=str(tiny_llama_dir),
-            llm_layers=2, task="ctr")), train._dataset)
+            data_path, task="labeled", **settings)), train._dataset)
 
 
 def test_history_items_carry_their_liked_or_disliked_word(tiny_llama_dir):
@@ -149,35 +165,35 @@ def test_history_labels_and_rate_features_capture_user_tendency(tendency_dataset
     from recbole_llmalign.quick_start import run_with_cost
 
     data_path, name = tendency_dataset
-    common = dict(task="labeled", llm_path=str(tiny_llama_dir), llm_layers=2, answer_words=["yes", "no"], train_batch_size=64,
+    common = dict(llm_path=str(tiny_llama_dir), llm_layers=2, answer_words=["yes", "no"], train_batch_size=64,
                   train_sample_budget=1.0, epochs=1, backbone_epochs=2, eval_batch_size=256, learning_rate=1e-3)
-    blind, _ = run_with_cost("AlignLLMRec", name, config_dict=_labeled_config(
+    blind, _ = run_with_cost("AlignLLMRecCTR", name, config_dict=_labeled_config(
         data_path, history_label_words=None, label_rate_features=False, **common))
-    informed, _ = run_with_cost("AlignLLMRec", name, config_dict=_labeled_config(
+    informed, _ = run_with_cost("AlignLLMRecCTR", name, config_dict=_labeled_config(
         data_path, history_label_words=["yes", "no"], label_rate_features=True, **common))
-    rates_only, _ = run_with_cost("AlignLLMRec", name, config_dict=_labeled_config(data_path, answer_from_llm=False, **common))
+    rates_only, _ = run_with_cost("AlignLLMRecCTR", name, config_dict=_labeled_config(data_path, answer_from_llm=False, **common))
     assert informed["test_result"]["auc"] > 0.95  # the user's like rate separates the two groups at once
     assert rates_only["test_result"]["auc"] > 0.95  # ... with or without the LLM pass
     assert blind["test_result"]["auc"] < 0.75  # item choice is random: nothing to learn from without labels
-    checkpoint = sorted(Path("saved").glob("AlignLLMRec-*.pth"))[-1]
+    checkpoint = sorted(Path("saved").glob("AlignLLMRecCTR-*.pth"))[-1]
     assert "rate_weights" in torch.load(checkpoint, weights_only=False)["state_dict"]
 
 
 def test_like_rates_are_smoothed_and_a_training_pair_does_not_see_its_own_label():
     from types import SimpleNamespace
 
-    from recbole_llmalign.model.align_llmrec import AlignLLMRec
+    from recbole_llmalign.model.align_llmrec_ctr import AlignLLMRecCTR
 
     # item 1: 3 likes of 4 training ratings; prior 2 pseudo-ratings at the global rate 0.5
     state = SimpleNamespace(item_likes=torch.tensor([0.0, 3.0]), item_counts=torch.tensor([0.0, 4.0]), rate_prior=2.0,
                             global_rate=0.5, rate_weights=torch.tensor([0.0, 1.0]))  # item term only
     lengths, history, candidates = torch.tensor([2]), torch.tensor([[1.0, 0.0, 0.0]]), torch.tensor([1])
     logit = lambda rate: float(torch.logit(torch.tensor(rate)))  # noqa: E731
-    unseen = AlignLLMRec._rate_logit(state, lengths, history, candidates)
+    unseen = AlignLLMRecCTR._rate_logit(state, lengths, history, candidates)
     assert float(unseen) == pytest.approx(logit((3 + 1) / (4 + 2)))
-    own_like = AlignLLMRec._rate_logit(state, lengths, history, candidates, own_labels=torch.tensor([1.0]))
+    own_like = AlignLLMRecCTR._rate_logit(state, lengths, history, candidates, own_labels=torch.tensor([1.0]))
     assert float(own_like) == pytest.approx(logit((2 + 1) / (3 + 2)))  # its own like removed
-    own_dislike = AlignLLMRec._rate_logit(state, lengths, history, candidates, own_labels=torch.tensor([0.0]))
+    own_dislike = AlignLLMRecCTR._rate_logit(state, lengths, history, candidates, own_labels=torch.tensor([0.0]))
     assert float(own_dislike) == pytest.approx(logit((3 + 1) / (3 + 2)))
     state.rate_weights = torch.tensor([1.0, 0.0])  # user term: 1 like in a 2-item history (the padding is ignored)
-    assert float(AlignLLMRec._rate_logit(state, lengths, history, candidates)) == pytest.approx(logit((1 + 1) / (2 + 2)))
+    assert float(AlignLLMRecCTR._rate_logit(state, lengths, history, candidates)) == pytest.approx(logit((1 + 1) / (2 + 2)))

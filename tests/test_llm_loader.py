@@ -38,7 +38,7 @@ def test_non_causal_model_is_refused(tmp_path):
     from transformers import BertConfig, BertModel
 
     BertModel(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)).save_pretrained(tmp_path / "bert")
-    with pytest.raises(ValueError, match="not a causal LM"):
+    with pytest.raises(ValueError, match="not a decoder-only causal LM"):
         load_causal_lm(str(tmp_path / "bert"))
 
 

@@ -31,7 +31,9 @@ def test_recommend_lists_unseen_items_best_first_with_explanations(trained_backb
     assert len(result.history) == 5 and all(isinstance(reason, str) for reason in result.explanations)
     # the ranking LLM keeps 2 of 3 layers; explanations come from the full-depth model, loaded once
     model = loaded[1]
-    assert len(model.decoder.layers) == 2 and len(model.explanation_llm().model.layers) == 3
+    from recbole_llmalign.llm.explain import explainer_for
+
+    assert len(model.decoder.layers) == 2 and len(explainer_for(model, loaded[0]).writer().model.layers) == 3
 
     with pytest.raises(ValueError, match="User 'nobody' is not in cyclic"):
         recommend(model_file, "nobody", loaded=loaded)

@@ -7,24 +7,14 @@ verify the folder before trusting it (a truncated or edited copy is rebuilt).
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import pandas as pd
 
+from recbole_llmalign.io import atomic_directory, file_sha256
+
 MANIFEST = "manifest.json"
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def atomic_header(frame: pd.DataFrame, types: dict[str, str]) -> list[str]:
@@ -52,9 +42,7 @@ def write_dataset_dir(
 ) -> Path:
     """Write ``{file name: (frame, column types)}`` into ``target_dir`` atomically, with a manifest."""
     target_dir = Path(target_dir)
-    target_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target_dir.name}.", dir=target_dir.parent))
-    try:
+    with atomic_directory(target_dir) as staging:
         manifest: dict[str, object] = {"source": source_note, "files": {}}
         for name, (frame, types) in files.items():
             path = staging / name
@@ -65,19 +53,9 @@ def write_dataset_dir(
             manifest["files"][name] = {  # type: ignore[index]
                 "rows": int(len(frame)),
                 "bytes": path.stat().st_size,
-                "sha256": sha256_of(path),
+                "sha256": file_sha256(path),
             }
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2), encoding="utf-8")
-        if target_dir.exists():
-            backup = target_dir.with_name(f".{target_dir.name}.old-{os.getpid()}")
-            os.replace(target_dir, backup)
-            os.replace(staging, target_dir)
-            shutil.rmtree(backup, ignore_errors=True)
-        else:
-            os.replace(staging, target_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return target_dir
 
 
@@ -92,7 +70,7 @@ def verify_dataset_dir(target_dir: Path) -> bool:
             path = Path(target_dir) / name
             if not path.is_file() or path.stat().st_size != expected["bytes"]:
                 return False
-            if sha256_of(path) != expected["sha256"]:
+            if file_sha256(path) != expected["sha256"]:
                 return False
     except (ValueError, KeyError, TypeError, OSError):
         return False

@@ -64,3 +64,51 @@ def diversity_sample(lengths: np.ndarray, targets: np.ndarray, budget: int, leng
         chosen.append(take)
         remaining -= len(take)
     return np.sort(np.concatenate(chosen))
+
+
+def distance_to_user_end(user_ids: np.ndarray) -> np.ndarray:
+    """For each row of a prefix-augmented training set (users' rows contiguous, in time order):
+    how many rows of the same user follow it (0 = the user's last training target)."""
+    n_rows = len(user_ids)
+    is_last = np.r_[user_ids[1:] != user_ids[:-1], True]
+    ends = np.flatnonzero(is_last)
+    return ends[np.searchsorted(ends, np.arange(n_rows))] - np.arange(n_rows)
+
+
+def all_positions_index(user_ids: np.ndarray, window: int, holdout: int = 0) -> np.ndarray:
+    """Rows of a prefix-augmented training set that tile each user's history without overlap.
+
+    RecBole's sequential training set has one row per prefix (history -> next item), users'
+    rows contiguous and in time order. Keeping the user's last row and every ``window``-th row
+    before it gives windows whose targets cover every training interaction exactly once; with a
+    loss at every position, one pass over them is one pass over the data. ``holdout`` > 0 leaves
+    each user's last ``holdout`` targets out of every window (they stay visible as inputs only).
+    """
+    distance = distance_to_user_end(user_ids) - holdout
+    return np.flatnonzero((distance >= 0) & (distance % window == 0))
+
+
+def sample_budget_rows(budget: float, n_rows: int) -> int:
+    """``train_sample_budget``: a fraction of the training rows (<= 1) or a count (> 1)."""
+    return int(round(budget * n_rows)) if budget <= 1 else int(budget)
+
+
+def select_training_rows(histories: np.ndarray, lengths: np.ndarray, targets: np.ndarray, users: np.ndarray, *,
+                         budget_rows: int, buckets: int, seed: int, item_words: Sequence[set[str]] | None = None,
+                         holdout: int = 0) -> tuple[np.ndarray, list[str]]:
+    """Rows an LLM recommender trains on, and a log line per filter that ran.
+
+    Candidates: every row, less those the denoising filter drops (``item_words`` given), restricted
+    to each user's last ``holdout`` targets when stacking (``holdout`` > 0); then ``budget_rows``
+    of them spread evenly over history-length x target-popularity buckets.
+    """
+    notes: list[str] = []
+    candidates = None
+    if item_words is not None:
+        candidates = denoise_mask(histories, targets, item_words)
+        notes.append(f"denoising kept {int(candidates.sum())} of {len(targets)} samples.")
+    if holdout > 0:  # stacking: train on the targets the backbone never saw as targets
+        held = distance_to_user_end(users) < holdout
+        candidates = held if candidates is None else candidates & held
+        notes.append(f"holdout_last_targets={holdout}: {int(held.sum())} held-out samples are the candidates.")
+    return diversity_sample(lengths, targets, budget_rows, buckets, buckets, seed=seed, candidates=candidates), notes

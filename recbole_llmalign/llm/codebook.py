@@ -235,3 +235,34 @@ class CodeTrie:
         keys = (full_codes.cpu() * self.powers).sum(1)
         position, found = self._lookup(self.full_keys, keys)
         return torch.where(found, self.full_items[position], torch.full_like(keys, -1))
+
+
+def code_rows_at_title_centroids(embeddings: torch.Tensor, item_codes: torch.Tensor, codes_per_level: list[int],
+                                 title_rows: torch.Tensor, has_title: torch.Tensor) -> torch.Tensor:
+    """Initial input rows of the code tokens [total codes, H]: each code at the mean LLM title embedding
+    (``title_rows`` [N, H]) of the items that carry it (``item_codes`` [N, L]); codes no titled item
+    carries start near the centre of the LLM's ``embeddings`` [V, H] (seeded noise)."""
+    mean, std = embeddings.mean(0), embeddings.std(0)
+    generator = torch.Generator().manual_seed(0)
+    rows = mean + 0.5 * std * torch.randn(sum(codes_per_level), embeddings.size(1), generator=generator)
+    titled = has_title.clone()
+    titled[0] = False  # the padding item
+    offset = 0
+    for level, size in enumerate(codes_per_level):
+        codes = item_codes[titled, level]
+        if len(codes) > 0:
+            sums = torch.zeros(size, embeddings.size(1)).index_add_(0, codes, title_rows[titled])
+            counts = torch.bincount(codes, minlength=size).unsqueeze(1)
+            used = counts.squeeze(1) > 0
+            rows[offset:offset + size][used] = sums[used] / counts[used]
+        offset += size
+    return rows
+
+
+def legacy_level_sizes(codes: torch.Tensor, total_codes: int, codebook_size: int) -> torch.Tensor:
+    """Codes per level of a checkpoint that did not store them: every level has ``codebook_size``
+    codes, except an extra disambiguation level, which has the rest of the code-embedding rows."""
+    levels = codes.size(1)
+    regular = min(levels, total_codes // codebook_size)
+    sizes = [codebook_size] * regular + ([total_codes - regular * codebook_size] if levels > regular else [])
+    return torch.tensor(sizes, dtype=torch.long)

@@ -12,16 +12,13 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 
-from recbole_llmalign.data.atomic import sha256_of
+from recbole_llmalign.io import atomic_directory, file_sha256
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +38,6 @@ class LoadedLLM:
     hidden_size: int
     num_layers: int
     trainable_names: list[str] = field(default_factory=list)
-    is_encoder_decoder: bool = False
 
 
 def smollm2_gguf_path() -> Path:
@@ -64,7 +60,7 @@ def _folder_is_valid(folder: Path) -> bool:
         return False
     try:
         expected = json.loads(manifest.read_text(encoding="utf-8"))
-        return all((folder / name).is_file() and sha256_of(folder / name) == digest for name, digest in expected["files"].items())
+        return all((folder / name).is_file() and file_sha256(folder / name) == digest for name, digest in expected["files"].items())
     except (ValueError, KeyError, OSError):
         return False
 
@@ -76,9 +72,7 @@ def convert_gguf(gguf_path: Path, target: Path) -> Path:
     if _folder_is_valid(target):
         return target
     logger.info(f"Converting {gguf_path.name} into {target} (first use; about 30-40 s on a CPU).")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
+    with atomic_directory(target) as staging:
         try:
             tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
             dequantized = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
@@ -97,14 +91,8 @@ def convert_gguf(gguf_path: Path, target: Path) -> Path:
         model.load_state_dict(dequantized.state_dict())
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-        files = {p.name: sha256_of(p) for p in sorted(staging.iterdir()) if p.is_file()}
+        files = {p.name: file_sha256(p) for p in sorted(staging.iterdir()) if p.is_file()}
         (staging / MANIFEST).write_text(json.dumps({"source": gguf_path.name, "files": files}, indent=2), encoding="utf-8")
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(staging, target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return target
 
 
@@ -139,34 +127,32 @@ def load_causal_lm(
     llm_layers: int | None = None,
     lora_r: int = 0,
     lora_alpha: int = 16,
-    lora_dropout: float = 0.05,
     lora_target_modules: Sequence[str] = ("q_proj", "v_proj"),
 ) -> LoadedLLM:
-    """Load, optionally cut to the first ``llm_layers`` layers, freeze, and optionally add LoRA."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    """Load, optionally cut to the first ``llm_layers`` layers, freeze, and optionally add LoRA.
 
-    from transformers import AutoModelForSeq2SeqLM
+    Decoder-only causal LMs only: the plugin's soft tokens, per-layer key/value prefixes and cached
+    instruction key/values are decoder mechanisms. (An encoder-decoder path existed before 0.2;
+    it was removed with the model refactor, as no model used it by default and none documented it.)
+    LoRA dropout is 0: the models keep the LLM in eval mode, which would switch it off anyway.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     source = resolve_llm_path(llm_path, cache_dir)
     config = AutoConfig.from_pretrained(source)
-    seq2seq = bool(getattr(config, "is_encoder_decoder", False))
     architectures = config.architectures or []
-    if not seq2seq and not any(name.endswith("ForCausalLM") for name in architectures):
+    if getattr(config, "is_encoder_decoder", False) or not any(name.endswith("ForCausalLM") for name in architectures):
+        kind = "an encoder-decoder" if getattr(config, "is_encoder_decoder", False) else f"a {architectures or config.model_type}"
         raise ValueError(
-            f"llm_path {source} holds a {architectures or config.model_type} model, not a causal LM. "
-            "Use a decoder-only model (e.g. Llama, Qwen, SmolLM) or an encoder-decoder one (e.g. Flan-T5)."
+            f"llm_path {source} holds {kind} model, not a decoder-only causal LM; the plugin's soft tokens and "
+            "key/value prefixes need one. Use a decoder-only model (e.g. Llama, Qwen, SmolLM)."
         )
-    layers_key = "num_layers" if seq2seq else "num_hidden_layers"  # T5-style configs name their depth num_layers
-    total_layers = int(getattr(config, layers_key))
+    total_layers = int(config.num_hidden_layers)
     if llm_layers is not None and llm_layers > 0:
         if llm_layers > total_layers:
             raise ValueError(f"llm_layers={llm_layers} but {source} has only {total_layers} layers.")
-        setattr(config, layers_key, int(llm_layers))  # build only the layers we keep
-        if seq2seq:
-            config.num_decoder_layers = min(int(llm_layers), int(getattr(config, "num_decoder_layers", llm_layers)))
-    torch_dtype = getattr(torch, dtype)
-    model_class = AutoModelForSeq2SeqLM if seq2seq else AutoModelForCausalLM
-    model = model_class.from_pretrained(source, config=config, dtype=torch_dtype)
+        config.num_hidden_layers = int(llm_layers)  # build only the layers we keep
+    model = AutoModelForCausalLM.from_pretrained(source, config=config, dtype=getattr(torch, dtype))
     tokenizer = AutoTokenizer.from_pretrained(source)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -176,12 +162,12 @@ def load_causal_lm(
     if lora_r > 0:
         from peft import LoraConfig, get_peft_model
 
-        model = get_peft_model(model, LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+        model = get_peft_model(model, LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=0.0,
                                                  target_modules=list(lora_target_modules), bias="none"))
     trainable = [name for name, p in model.named_parameters() if p.requires_grad]
-    num_layers = int(getattr(config, layers_key)) if seq2seq else len(_decoder_layers(model.get_base_model() if lora_r > 0 else model))
-    hidden_size = int(getattr(config, "d_model", None) or config.hidden_size)
-    logger.info(f"LLM {source}: {'encoder-decoder, ' if seq2seq else ''}{num_layers}/{total_layers} layers, hidden "
-                f"{hidden_size}, dtype {dtype}, LoRA r={lora_r}, {len(trainable)} trainable tensors.")
+    num_layers = len(_decoder_layers(model.get_base_model() if lora_r > 0 else model))
+    hidden_size = int(config.hidden_size)
+    logger.info(f"LLM {source}: {num_layers}/{total_layers} layers, hidden {hidden_size}, dtype {dtype}, LoRA r={lora_r}, "
+                f"{len(trainable)} trainable tensors.")
     return LoadedLLM(model=model, tokenizer=tokenizer, source=source, hidden_size=hidden_size,
-                     num_layers=num_layers, trainable_names=trainable, is_encoder_decoder=seq2seq)
+                     num_layers=num_layers, trainable_names=trainable)

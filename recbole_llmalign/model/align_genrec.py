@@ -6,7 +6,9 @@ LC-Rec (sequential, alignment and query tasks over item indices) as references.
 
 1. Item tokenizer: every item's frozen AlignSASRec ID embedding joined with its fused text is
    quantized by L residual codebooks aligned to the LLM's embedding of the item title
-   (``llm/codebook.py``); codes are unique and saved in the checkpoint (``item_codes``).
+   (``llm/codebook.py``); codes are unique and saved in the checkpoint (``item_codes``,
+   ``code_level_sizes``). The tokenizer is fitted once by ``AlignGenRecTrainer`` before training
+   (``fit_item_tokenizer``); a loaded checkpoint installs its own codes and never refits.
 2. The L x K code tokens are added to the tokenizer and get their own trainable embedding rows
    (the LLM's vocabulary extended without copying or touching its frozen rows), initialised at
    the LLM embedding centroid of the items carrying each code. The code rows also act as the
@@ -22,98 +24,64 @@ LC-Rec (sequential, alignment and query tasks over item indices) as references.
 
 from __future__ import annotations
 
-import re
 from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
-from recbole.model.abstract_recommender import SequentialRecommender
 from torch import nn
 
 from recbole_llmalign.data.item_text import item_texts
-from recbole_llmalign.llm.codebook import CodeTrie, fit_codebook
-from recbole_llmalign.llm.loader import load_causal_lm
-from recbole_llmalign.model.align_llmrec import load_backbone
+from recbole_llmalign.llm.code_prompts import GENERATION_TASKS, compile_template, render
+from recbole_llmalign.llm.codebook import CodeTrie, code_rows_at_title_centroids, fit_codebook, legacy_level_sizes
+from recbole_llmalign.llm.soft_prompt import CFProjector
+from recbole_llmalign.model.abstract_recommender import FrozenBackboneLLMRecommender
 
 USER_TOKEN = -1  # placeholder id: its input embedding is the projected AlignSASRec sequence vector
-GENERATION_TASKS = ("sequential", "title_to_code", "code_to_title", "query", "negative")
-TEMPLATE_SLOTS = {
-    "sequential": ("{history}",),
-    "negative": ("{history}", "{negatives}"),
-    "title_to_code": ("{title}",),
-    "code_to_title": ("{codes}",),
-    "query": ("{query}",),
-}
 
 
-class AlignGenRec(SequentialRecommender):
+class AlignGenRec(FrozenBackboneLLMRecommender):
     """Codebook-tokenized generative recommender (see module docstring)."""
 
-    backbone_model = "AlignSASRec"  # trained and cached by quick_start when backbone_checkpoint is empty
+    kept_buffers = ("item_codes", "code_level_sizes")  # the fitted item tokenizer travels with the checkpoint
 
     def __init__(self, config: Any, dataset: Any) -> None:
         super().__init__(config, dataset)
-        self.backbone = load_backbone(config["backbone_checkpoint"], dataset)
-        lora_r = int(config["lora_r"])
-        llm = load_causal_lm(config["llm_path"], cache_dir=config["llm_cache_dir"], dtype=config["llm_dtype"],
-                             llm_layers=config["llm_layers"], lora_r=lora_r, lora_alpha=int(config["lora_alpha"]),
-                             lora_target_modules=config["lora_target_modules"])
-        if llm.is_encoder_decoder:
-            raise ValueError(f"AlignGenRec decodes code tokens with a decoder-only LLM; {llm.source} is encoder-decoder.")
-        self.llm, self.tokenizer, self._lora = llm.model, llm.tokenizer, lora_r > 0
-        base = self.llm.get_base_model() if self._lora else self.llm
-        self.decoder, self.embed_tokens, self.lm_head = base.model, base.get_input_embeddings(), base.get_output_embeddings()
-        self.eos_id = self.tokenizer.eos_token_id
-        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        self.micro_batch = int(config["llm_micro_batch"])
         self.beam_size = int(config["beam_size"])
         largest_topk = max(config["topk"]) if config["topk"] else 0
         if self.beam_size < largest_topk:
             raise ValueError(f"beam_size {self.beam_size} is smaller than topk {largest_topk}: only beam_size items are "
                              "generated per user. Raise beam_size to at least the largest topk.")
         self.floor = float(config["generation_floor"])
-        self.beam_scoring = config["beam_scoring"] or "model"
+        self.beam_scoring = config["beam_scoring"]
         if self.beam_scoring not in ("model", "renormalized"):
             raise ValueError(f"beam_scoring must be 'model' or 'renormalized', got {self.beam_scoring!r}.")
         self.history_items = int(config["prompt_history_items"])
         self.negative_items = int(config["negative_items"])
         self.query_words = int(config["query_words"])
-        self.use_user_token = config["use_user_token"] is not False
+        self.use_user_token = bool(config["use_user_token"])
         if self.use_user_token:
-            from recbole_llmalign.llm.soft_prompt import CFProjector
+            self.user_projector = CFProjector(self.backbone.hidden_size, self.llm_hidden_size)
+        self._build_item_texts(config, dataset)
+        self._build_tasks(config)
+        # the item tokenizer: empty until fit_item_tokenizer() or a checkpoint installs codes
+        self.register_buffer("item_codes", torch.zeros(self.n_items, 0, dtype=torch.long))
+        self.register_buffer("code_level_sizes", torch.zeros(0, dtype=torch.long))
+        self.codebook_size = int(config["codebook_size"])
+        self.register_parameter("code_embeddings", None)  # [total codes, H], made by install_codes
+        self.cost_report: dict[str, float] = {}  # tokenizer report rows for the run's CSV, set when fitted
 
-            self.user_projector = CFProjector(self.backbone.hidden_size, llm.hidden_size)
-
-        # ---- item text: titles for the text tasks, other fields' words for queries ----
-        fields = list(config["item_text_fields"] or [])
-        self.titles = item_texts(dataset, fields[:1]) if fields else [""] * self.n_items
+    def _build_item_texts(self, config: Any, dataset: Any) -> None:
+        """Title tokens for the text tasks, words of the other fields for queries."""
+        fields = list(config["item_text_fields"] or [])  # the dataset may have no text fields
         query_parts = [item_texts(dataset, [f]) for f in fields[1:]]
         self.query_texts = [" ".join(part[i] for part in query_parts).split() or self.titles[i].split()
                             for i in range(self.n_items)]
-        encode = self._encode
         title_max = int(config["title_max_tokens"])
-        self.title_ids = [encode(" " + t)[:title_max] if t else [] for t in self.titles]
+        self.title_ids = [self._encode(" " + t)[:title_max] if t else [] for t in self.titles]
 
-        # ---- stage 1: the item tokenizer ----
-        result = self._fit_item_codes(config)
-        self.codebook_report = result.report
-        self.cost_report = {f"tokenizer_{k}": float(v) for k, v in result.report.items()}  # benchmark CSV rows
-        self.codes_per_level = result.codes_per_level
-        codes = torch.zeros(self.n_items, len(self.codes_per_level), dtype=torch.long)
-        codes[1:] = result.codes
-        self.register_buffer("item_codes", codes)
-        offsets = torch.tensor([0] + self.codes_per_level).cumsum(0)
-        self.level_offsets = offsets[:-1].tolist()
-        total_codes = int(offsets[-1])
-        strings = [f"<{chr(97 + level)}_{code}>" for level, k in enumerate(self.codes_per_level) for code in range(k)]
-        self.tokenizer.add_tokens(strings)
-        self.first_code_id = self.tokenizer.convert_tokens_to_ids(strings[0])
-        self.code_level = torch.cat([torch.full((k,), level) for level, k in enumerate(self.codes_per_level)])
-        self.code_embeddings = nn.Parameter(self._initial_code_rows(total_codes))
-        self._rebuild_lookup()
-
-        # ---- stage 2: task mixture ----
-        weights = dict(config["task_weights"] or {"sequential": 1.0})
+    def _build_tasks(self, config: Any) -> None:
+        """The task mixture and its templates, tokenised once."""
+        weights = dict(config["task_weights"])
         unknown = set(weights) - set(GENERATION_TASKS)
         if unknown:
             raise ValueError(f"task_weights has unknown tasks {sorted(unknown)}; use {list(GENERATION_TASKS)}.")
@@ -121,12 +89,16 @@ class AlignGenRec(SequentialRecommender):
         if not self.task_names:
             raise ValueError("task_weights gives no task a positive weight; set e.g. {sequential: 1.0}.")
         self.task_probs = torch.tensor([float(weights[t]) for t in self.task_names])
-        self.templates = {task: self._compile(task, config[f"{task}_template"]) for task in GENERATION_TASKS}
-        self.separator = encode(config["item_separator"])
+        self.templates = {task: compile_template(task, config[f"{task}_template"], self._encode) for task in GENERATION_TASKS}
+        self.separator = self._encode(config["item_separator"])
 
     # ---- item tokenizer ----
     def _encode(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    @property
+    def has_item_codes(self) -> bool:
+        return self.item_codes.size(1) > 0
 
     def _title_embeddings(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean LLM input embedding of each item's title tokens [N, H], and which items have a title [N]."""
@@ -138,43 +110,58 @@ class AlignGenRec(SequentialRecommender):
                 rows[item], has[item] = weight[ids].float().mean(0), True
         return rows, has
 
-    def _fit_item_codes(self, config: Any) -> Any:
+    def fit_item_tokenizer(self, config: Any) -> dict[str, Any]:
+        """Stage 1, run once by the trainer: fit the residual codebooks on the frozen backbone's item
+        vectors, install the unique codes and start each code row at its items' mean title embedding."""
         with torch.no_grad():
             ids = self.backbone.item_embedding.weight.detach()
             fused = self.backbone.fused_text()[0].detach() if self.backbone.uses_text else ids
-        vectors = torch.cat([F.normalize(ids, dim=-1), F.normalize(fused, dim=-1)], dim=1)[1:]
-        self._llm_title_rows, self._has_title = self._title_embeddings()
+        vectors = torch.cat([F.normalize(ids, dim=-1), F.normalize(fused, dim=-1)], dim=1)[1:].cpu()
+        title_rows, has_title = self._title_embeddings()
         result = fit_codebook(
-            vectors, self._llm_title_rows[1:], self._has_title[1:], levels=int(config["codebook_levels"]),
+            vectors, title_rows[1:], has_title[1:], levels=int(config["codebook_levels"]),
             codes_per_level=int(config["codebook_size"]), latent_dim=int(config["codebook_dim"]),
             steps=int(config["codebook_steps"]), learning_rate=float(config["codebook_learning_rate"]),
             commitment_weight=float(config["commitment_weight"]), llm_align_weight=float(config["codebook_llm_align_weight"]),
             seed=int(config["seed"]), show_progress=bool(config["show_progress"]))
         report = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in result.report.items())
         self.logger.info(f"AlignGenRec item tokenizer: {report}")
-        return result
+        self.cost_report = {f"tokenizer_{k}": float(v) for k, v in result.report.items()}  # benchmark CSV rows
+        codes = torch.zeros(self.n_items, len(result.codes_per_level), dtype=torch.long)
+        codes[1:] = result.codes
+        self.install_codes(codes, result.codes_per_level)
+        with torch.no_grad():
+            rows = code_rows_at_title_centroids(self.embed_tokens.weight.detach().float().cpu(), self.item_codes.cpu(),
+                                                self.codes_per_level, title_rows, has_title)
+            self.code_embeddings.copy_(rows)
+        return result.report
 
-    def _initial_code_rows(self, total_codes: int) -> torch.Tensor:
-        """Each code token starts at the mean LLM title embedding of the items that carry it."""
-        weight = self.embed_tokens.weight.detach().float()
-        mean, std = weight.mean(0), weight.std(0)
-        generator = torch.Generator().manual_seed(0)
-        rows = mean + 0.5 * std * torch.randn(total_codes, weight.size(1), generator=generator)
-        titled = self._has_title.clone()
-        titled[0] = False
-        for level, offset in enumerate(self.level_offsets):
-            codes = self.item_codes[titled, level]
-            if len(codes) == 0:
-                continue
-            sums = torch.zeros(self.codes_per_level[level], weight.size(1)).index_add_(0, codes, self._llm_title_rows[titled])
-            counts = torch.bincount(codes, minlength=self.codes_per_level[level]).unsqueeze(1)
-            used = counts.squeeze(1) > 0
-            rows[offset:offset + self.codes_per_level[level]][used] = sums[used] / counts[used]
-        return rows
+    def install_codes(self, codes: torch.Tensor, codes_per_level: Sequence[int]) -> None:
+        """Make ``codes`` [N, L'] (``codes_per_level`` codes at each level) the item tokenizer: buffers,
+        code tokens in the tokenizer, a code-embedding table of the right shape, the trie."""
+        device = self.embed_tokens.weight.device
+        self.item_codes = codes.to(device=device, dtype=torch.long)
+        self.code_level_sizes = torch.tensor(list(codes_per_level), dtype=torch.long, device=device)
+        self.codes_per_level = [int(k) for k in codes_per_level]
+        offsets = torch.tensor([0] + self.codes_per_level).cumsum(0)
+        self.level_offsets = offsets[:-1].tolist()
+        strings = [f"<{chr(97 + level)}_{code}>" for level, k in enumerate(self.codes_per_level) for code in range(k)]
+        self.tokenizer.add_tokens(strings)
+        self.first_code_id = self.tokenizer.convert_tokens_to_ids(strings[0])
+        if self.tokenizer.convert_tokens_to_ids(strings[-1]) != self.first_code_id + len(strings) - 1:
+            raise RuntimeError("AlignGenRec's code tokens are not contiguous in the tokenizer (codes of another layout "
+                               "were installed first); build a new model to load this checkpoint.")
+        self.code_level = torch.cat([torch.full((k,), level) for level, k in enumerate(self.codes_per_level)])
+        total = int(offsets[-1])
+        if self.code_embeddings is None or self.code_embeddings.shape[0] != total:
+            self.code_embeddings = nn.Parameter(torch.zeros(total, self.llm_hidden_size, device=device))
+        self.trie = CodeTrie(self.item_codes[1:].cpu(), torch.arange(1, self.n_items), self.codes_per_level)
+        self.item_token_ids = (self.item_codes.cpu() + torch.tensor(self.level_offsets)).tolist()  # flat code index per level
 
-    def _rebuild_lookup(self) -> None:
-        self.trie = CodeTrie(self.item_codes[1:], torch.arange(1, self.n_items), self.codes_per_level)
-        self.item_token_ids = (self.item_codes + torch.tensor(self.level_offsets)).tolist()  # flat code index per level
+    def _require_codes(self) -> None:
+        if not self.has_item_codes:
+            raise RuntimeError("AlignGenRec's item tokenizer is not fitted: train the model through run_recbole_llmalign "
+                               "(AlignGenRecTrainer fits it first), call fit_item_tokenizer(config), or load a checkpoint.")
 
     def item_code_tokens(self, item: int) -> list[int]:
         """Token ids of an item's code sequence (ids from the extended tokenizer)."""
@@ -184,26 +171,8 @@ class AlignGenRec(SequentialRecommender):
         return "".join(self.tokenizer.convert_ids_to_tokens(self.item_code_tokens(item)))
 
     # ---- prompts ----
-    def _compile(self, task: str, template: str) -> list[list[int] | str]:
-        """Template text tokenised once, split around its placeholders."""
-        if not template:
-            raise ValueError(f"{task}_template is empty.")
-        for slot in TEMPLATE_SLOTS[task]:
-            if slot not in template:
-                raise ValueError(f"{task}_template must contain {slot}; got {template!r}.")
-        pieces: list[list[int] | str] = []
-        for part in re.split(r"(\{[a-z]+\})", template):
-            if part in TEMPLATE_SLOTS[task]:
-                pieces.append(part)
-            elif part:
-                pieces.append(self._encode(part))
-        return pieces
-
     def _render(self, task: str, values: dict[str, list[int]]) -> list[int]:
-        ids: list[int] = []
-        for piece in self.templates[task]:
-            ids += values[piece] if isinstance(piece, str) else piece
-        return ids
+        return render(self.templates[task], values)
 
     def _items_ids(self, items: Sequence[int]) -> list[int]:
         ids: list[int] = []
@@ -237,17 +206,6 @@ class AlignGenRec(SequentialRecommender):
             return self._render(task, {"{history}": history, "{negatives}": self._items_ids(negatives)}), codes
         return self._render("sequential", {"{history}": history}), codes
 
-    def _pad(self, rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Left-padded ids [B, T] and attention mask [B, T]."""
-        width = max(len(r) for r in rows)
-        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros(len(rows), width, dtype=torch.long)
-        for i, row in enumerate(rows):
-            if row:
-                ids[i, width - len(row):] = torch.tensor(row)
-                mask[i, width - len(row):] = 1
-        return ids, mask
-
     def embed(self, ids: torch.Tensor, users: torch.Tensor | None = None) -> torch.Tensor:
         """Input embeddings: the LLM's rows for its own tokens, the trainable code rows for code tokens,
         and the projected sequence vector of row i's user (``users`` [B, C]) at ``USER_TOKEN``."""
@@ -260,28 +218,18 @@ class AlignGenRec(SequentialRecommender):
             embeds = torch.where((ids == USER_TOKEN).unsqueeze(-1), user_rows, embeds)
         return embeds
 
-    def user_vectors(self, item_seq: torch.Tensor, item_seq_len: torch.Tensor) -> torch.Tensor | None:
-        """Frozen backbone sequence vectors [B, C] (zero for an empty history), or None without the user token."""
-        if not self.use_user_token:
-            return None
-        with torch.no_grad():
-            vectors = self.backbone.forward(item_seq, item_seq_len.clamp(min=1))
-        return vectors * (item_seq_len > 0).unsqueeze(-1)
+    def _users(self, item_seq: torch.Tensor, item_seq_len: torch.Tensor) -> torch.Tensor | None:
+        """Backbone sequence vectors for the user token, or None without it."""
+        return self.user_vectors(item_seq, item_seq_len) if self.use_user_token else None
 
     def _run(self, ids: torch.Tensor, mask: torch.Tensor, cache: Any = None, users: torch.Tensor | None = None) -> Any:
-        positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
-        return self.decoder(inputs_embeds=self.embed(ids, users), attention_mask=mask, position_ids=positions,
+        return self.decoder(inputs_embeds=self.embed(ids, users), attention_mask=mask, position_ids=self.positions(mask),
                             past_key_values=cache, use_cache=cache is not None)
 
     # ---- RecBole interface ----
-    def train(self, mode: bool = True) -> "AlignGenRec":
-        super().train(mode)
-        self.backbone.eval()
-        self.llm.eval()  # frozen base; LoRA dropout off too
-        return self
-
     def calculate_loss(self, interaction: Any) -> torch.Tensor:
         """Mean token cross-entropy of the targets of a batch whose rows each draw a task."""
+        self._require_codes()
         sequences = interaction[self.ITEM_SEQ].tolist()
         lengths = interaction[self.ITEM_SEQ_LEN].tolist()
         targets = interaction[self.POS_ITEM_ID].tolist()
@@ -292,11 +240,11 @@ class AlignGenRec(SequentialRecommender):
             prompt, target = self.training_sample(self.task_names[task], sequences[row], lengths[row], targets[row], generator)
             rows.append(prompt + target)
             labels.append([-100] * (len(prompt) - 1) + target + [-100])  # label at position p = token p + 1
-        ids, mask = self._pad(rows)
-        label_ids, _ = self._pad(labels)
+        ids, mask = self.left_pad(rows)
+        label_ids, _ = self.left_pad(labels)
         label_ids[mask == 0] = -100
         device = self.code_embeddings.device
-        users = self.user_vectors(interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN])
+        users = self._users(interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN])
         hidden = self._run(ids.to(device), mask.to(device), users=users).last_hidden_state
         picked = label_ids.to(device) != -100
         states, gold = hidden[picked], label_ids.to(device)[picked]
@@ -316,17 +264,17 @@ class AlignGenRec(SequentialRecommender):
     def generate(self, item_seq: torch.Tensor, item_seq_len: torch.Tensor, beam_size: int | None = None
                  ) -> tuple[torch.Tensor, torch.Tensor]:
         """Trie-constrained beam search: (item ids [B, W], log-probabilities [B, W]); -1 / -inf where no item."""
+        self._require_codes()
         from transformers import DynamicCache
 
         width = beam_size or self.beam_size
         device = self.code_embeddings.device
         prompts = [self._render("sequential", {"{history}": self._history(s, n)})
                    for s, n in zip(item_seq.tolist(), item_seq_len.tolist())]
-        ids, mask = self._pad(prompts)
-        ids, mask = ids.to(device), mask.to(device)
+        ids, mask = self.left_pad(prompts, device)
         batch = ids.size(0)
         cache = DynamicCache(config=self.decoder.config)
-        state = self._run(ids, mask, cache, users=self.user_vectors(item_seq, item_seq_len)).last_hidden_state[:, -1]
+        state = self._run(ids, mask, cache, users=self._users(item_seq, item_seq_len)).last_hidden_state[:, -1]
         positions = (mask.sum(1, keepdim=True) - 1)
         prefix = torch.zeros(batch, 0, dtype=torch.long)
         scores = torch.zeros(batch, 1, device=device)
@@ -361,7 +309,7 @@ class AlignGenRec(SequentialRecommender):
         """Beam log-probabilities for the generated items, ``generation_floor`` for the rest [B, N]."""
         item_seq, item_seq_len = interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN]
         scores = torch.full((item_seq.size(0), self.n_items), self.floor, device=item_seq.device)
-        for start in range(0, item_seq.size(0), self.micro_batch):
+        for start in self.micro_batch_starts(item_seq.size(0), "beam search"):
             rows = slice(start, start + self.micro_batch)
             items, beam_scores = self.generate(item_seq[rows], item_seq_len[rows])
             found = items >= 0
@@ -375,22 +323,17 @@ class AlignGenRec(SequentialRecommender):
         return scores.gather(1, interaction[self.ITEM_ID].unsqueeze(1)).squeeze(1)
 
     # ---- checkpoints: trainable parameters and the item codes ----
-    def kept_names(self) -> set[str]:
-        return {name for name, p in self.named_parameters() if p.requires_grad} | {"item_codes"}
-
-    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
-        keep = self.kept_names()
-        return {k: v for k, v in super().state_dict(*args, **kwargs).items() if k in keep}
-
     def load_state_dict(self, state_dict: dict[str, torch.Tensor], strict: bool = True, assign: bool = False) -> Any:
-        missing, unexpected = self.kept_names() - set(state_dict), set(state_dict) - self.kept_names()
-        if strict and (missing or unexpected):
-            raise RuntimeError(f"AlignGenRec checkpoint does not match this config: missing {sorted(missing)[:5]}, "
-                               f"unexpected {sorted(unexpected)[:5]}. Was it saved with other codebook/LoRA settings?")
+        """Install the checkpoint's codes (never refit), then load the trainables."""
         codes = state_dict.get("item_codes")
-        if codes is not None and codes.shape != self.item_codes.shape:
-            raise RuntimeError(f"AlignGenRec checkpoint has item codes of shape {tuple(codes.shape)}, this config builds "
-                               f"{tuple(self.item_codes.shape)}: set codebook_levels/codebook_size as when it was trained.")
-        result = super().load_state_dict(state_dict, strict=False, assign=assign)
-        self._rebuild_lookup()
-        return result
+        if codes is not None:
+            if codes.size(0) != self.n_items:
+                raise RuntimeError(f"AlignGenRec checkpoint has codes for {codes.size(0)} items, this dataset has "
+                                   f"{self.n_items}: it was trained on other data.")
+            sizes = state_dict.get("code_level_sizes")
+            if sizes is None:  # checkpoints from before code_level_sizes: L levels of K, plus a disambiguation level
+                sizes = legacy_level_sizes(codes, state_dict["code_embeddings"].shape[0], int(self.codebook_size))
+                state_dict = {**state_dict, "code_level_sizes": sizes}
+            self.install_codes(codes, sizes.tolist())
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+

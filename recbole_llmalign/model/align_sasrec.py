@@ -18,6 +18,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from recbole.model.sequential_recommender.sasrec import SASRec
+
 from recbole_llmalign.model.layers import info_nce
 from recbole_llmalign.text.features import item_text_features
 from recbole_llmalign.text.fusion import CrossAttentionFusion, fuse_in_chunks
@@ -99,7 +100,7 @@ class AlignSASRec(SASRec):
         return fuse_in_chunks(self.fusion, self.text_meta, self.text_has_meta, self.text_reviews, self.text_review_mask,
                               self.eval_item_chunk, base=base)
 
-    def train(self, mode: bool = True) -> "AlignSASRec":
+    def train(self, mode: bool = True) -> AlignSASRec:
         self._eval_table = None
         return super().train(mode)
 

@@ -9,22 +9,20 @@ loads an encoder model.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
+
+from recbole_llmalign.io import atomic_open, config_key
 
 logger = logging.getLogger(__name__)
 
 
 def cache_key(**parts: Any) -> str:
     """A stable hex key from JSON-serialisable parts (lists of texts included)."""
-    blob = json.dumps(parts, sort_keys=True, ensure_ascii=False, default=str).encode("utf-8")
-    return hashlib.sha256(blob).hexdigest()
+    return config_key(parts, length=None)
 
 
 def _checksum(arrays: dict[str, np.ndarray]) -> str:
@@ -64,16 +62,9 @@ class EmbeddingCache:
 
     def save(self, label: str, key: str, arrays: dict[str, np.ndarray]) -> Path:
         """Write atomically: a temp file in the same folder, then one rename."""
-        self.folder.mkdir(parents=True, exist_ok=True)
         path = self.path(label, key)
-        handle, temp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".npz", dir=self.folder)
-        try:
-            with os.fdopen(handle, "wb") as out:
-                np.savez(out, __key__=np.array(key), __checksum__=np.array(_checksum(arrays)), **arrays)
-            os.replace(temp, path)
-        except BaseException:
-            Path(temp).unlink(missing_ok=True)
-            raise
+        with atomic_open(path, "wb") as out:
+            np.savez(out, __key__=np.array(key), __checksum__=np.array(_checksum(arrays)), **arrays)
         return path
 
     def get_or_build(self, label: str, key: str, build: Callable[[], dict[str, np.ndarray]]) -> tuple[dict[str, np.ndarray], bool]:

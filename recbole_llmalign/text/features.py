@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -26,10 +25,6 @@ from recbole_llmalign.text.encoders import (
 )
 
 logger = logging.getLogger(__name__)
-
-
-def _get(config: Any, key: str, default: Any) -> Any:
-    return config[key] if key in config and config[key] is not None else default
 
 
 def item_text_features(config: Any, train_dataset: Any) -> dict[str, torch.Tensor]:
@@ -49,23 +44,23 @@ def item_text_features(config: Any, train_dataset: Any) -> dict[str, torch.Tenso
 
 
 def _item_text_features(config: Any, train_dataset: Any) -> dict[str, torch.Tensor]:
-    cache = EmbeddingCache(_get(config, "text_cache_dir", "saved/text_cache"))
+    cache = EmbeddingCache(config["text_cache_dir"])
     dataset_name = config["dataset"]
-    fields = list(_get(config, "item_text_fields", []))
-    review_field = _get(config, "review_field", None)
-    max_reviews = int(_get(config, "max_reviews_per_item", 0))
+    fields = list(config["item_text_fields"] or [])  # a dataset may have no item text
+    review_field = config["review_field"]
+    max_reviews = int(config["max_reviews_per_item"])
     if not fields and not (review_field and max_reviews > 0):
         raise ValueError(
             f"Dataset '{dataset_name}' has no item_text_fields and no review_field: set either in its YAML or "
             "config (e.g. item_text_fields: [title]), or use item_representation: id."
         )
-    show_progress = bool(_get(config, "show_progress", True))
+    show_progress = bool(config["show_progress"])
     start = time.perf_counter()
 
     meta_hit: bool | None = None  # None: no metadata fields configured
     if fields:
         texts = item_texts(train_dataset, fields)
-        encoder = resolve_sentence_encoder(_get(config, "text_encoder", None))
+        encoder = resolve_sentence_encoder(config["text_encoder"])
         key = cache_key(kind="meta", dataset=dataset_name, encoder=encoder, fields=fields, texts=texts)
         meta_arrays, meta_hit = cache.get_or_build(
             f"{dataset_name}-meta", key,
@@ -84,7 +79,7 @@ def _item_text_features(config: Any, train_dataset: Any) -> dict[str, torch.Tens
     if review_field and max_reviews > 0:
         per_item = item_reviews(train_dataset, review_field, max_reviews)
         flat = [text for texts_of_item in per_item for text in texts_of_item]
-        review_encoder = resolve_review_encoder(_get(config, "review_encoder", None))
+        review_encoder = resolve_review_encoder(config["review_encoder"])
         review_key = cache_key(kind="reviews", dataset=dataset_name, split="train", field=review_field,
                                encoder=review_encoder,
                                reviews=per_item)
@@ -110,4 +105,4 @@ def _item_text_features(config: Any, train_dataset: Any) -> dict[str, torch.Tens
         f"{'' if review_hit is None else (' (cache hit)' if review_hit else ' (encoded)')}, {elapsed:.2f} s."
     )
     return {"meta": meta, "has_meta": has_meta, "reviews": reviews, "review_mask": review_mask,
-            "seconds": torch.tensor(elapsed), "cache_hit": torch.tensor(meta_hit is not False and review_hit is not False)}
+            "seconds": torch.tensor(elapsed)}

@@ -1,0 +1,152 @@
+"""What every frozen-backbone LLM recommender of the plugin needs, built once.
+
+``FrozenBackboneLLMRecommender`` is the shared base of AlignLLMRec, AlignLLMRecCTR and
+AlignGenRec (as RecBole-GNN's ``GeneralGraphRecommender`` is for its graph models):
+- the trained AlignSASRec backbone, loaded from ``backbone_checkpoint``, checked against the
+  dataset and frozen;
+- the decoder-only LLM (cut to ``llm_layers``, LoRA adapters when ``lora_r > 0``) with its
+  tokenizer, input embeddings, decoder stack and LM head, its base weights frozen;
+- backbone user vectors, item titles, left padding and position ids;
+- ``train()`` that keeps the frozen parts in eval mode, and checkpoints that hold only the
+  trainable parameters plus the buffers a subclass lists in ``kept_buffers``.
+Its keys are documented in ``properties/base/FrozenBackboneLLMRecommender.yaml``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from recbole.model.abstract_recommender import SequentialRecommender
+from torch import nn
+
+from recbole_llmalign.data.item_text import item_texts
+from recbole_llmalign.llm.loader import load_causal_lm
+
+
+def load_backbone(checkpoint_path: str | None, dataset: Any, model_name: str = "This model",
+                  trust: bool = False) -> tuple[nn.Module, Any]:
+    """(a trained AlignSASRec from its RecBole checkpoint, frozen and checked against ``dataset``; its config)."""
+    from recbole_llmalign.compat import load_checkpoint
+    from recbole_llmalign.model.align_sasrec import AlignSASRec
+
+    if not checkpoint_path:
+        raise ValueError(
+            f"{model_name} needs a trained AlignSASRec: run it through run_recbole_llmalign (which trains and caches "
+            "one) or pass --backbone_checkpoint=saved/AlignSASRec-<time>.pth from `--model=AlignSASRec` on the same dataset."
+        )
+    if not Path(checkpoint_path).is_file():
+        raise FileNotFoundError(f"backbone_checkpoint {checkpoint_path} does not exist; point it at an AlignSASRec .pth file.")
+    checkpoint = load_checkpoint(checkpoint_path, map_location="cpu", trust=trust)
+    backbone_config = checkpoint["config"]
+    if backbone_config["model"] != "AlignSASRec":
+        raise ValueError(f"backbone_checkpoint holds a {backbone_config['model']}, not an AlignSASRec.")
+    rows = checkpoint["state_dict"]["item_embedding.weight"].shape[0]
+    if rows != dataset.item_num:
+        raise ValueError(
+            f"backbone_checkpoint has {rows} item rows but this dataset has {dataset.item_num}: it was trained on "
+            "another dataset or filtering. Train AlignSASRec on the same dataset config."
+        )
+    backbone = AlignSASRec(backbone_config, dataset)
+    backbone.load_state_dict(checkpoint["state_dict"])
+    backbone.requires_grad_(False)
+    return backbone.eval(), backbone_config
+
+
+class FrozenBackboneLLMRecommender(SequentialRecommender):
+    """Frozen AlignSASRec + frozen decoder-only LLM (LoRA optional); subclasses add what they train."""
+
+    backbone_model: ClassVar[str] = "AlignSASRec"  # trained and cached by quick_start when backbone_checkpoint is empty
+    kept_buffers: ClassVar[tuple[str, ...]] = ()  # buffers saved beside the trainable parameters
+
+    def __init__(self, config: Any, dataset: Any) -> None:
+        super().__init__(config, dataset)
+        self.backbone, backbone_config = load_backbone(config["backbone_checkpoint"], dataset, type(self).__name__,
+                                                       trust=bool(config["trust_checkpoint"]))
+        # last training targets per user the backbone never fit (stacking checks it against its own)
+        self.backbone_holdout = int(backbone_config["holdout_last_targets"] or 0)  # ~ in checkpoints older than the key
+        self.lora = int(config["lora_r"]) > 0
+        llm = load_causal_lm(config["llm_path"], cache_dir=config["llm_cache_dir"], dtype=config["llm_dtype"],
+                             llm_layers=config["llm_layers"], lora_r=int(config["lora_r"]),
+                             lora_alpha=int(config["lora_alpha"]), lora_target_modules=config["lora_target_modules"])
+        self.llm, self.tokenizer, self.llm_source = llm.model, llm.tokenizer, llm.source
+        self.llm_hidden_size, self.llm_num_layers = llm.hidden_size, llm.num_layers
+        base = self.base_llm
+        self.decoder, self.embed_tokens, self.lm_head = base.model, base.get_input_embeddings(), base.get_output_embeddings()
+        self.eos_id = self.tokenizer.eos_token_id
+        self.pad_id = self.tokenizer.pad_token_id  # the loader sets it to eos when the tokenizer has none
+        self.micro_batch = int(config["llm_micro_batch"])
+        self.show_progress = bool(config["show_progress"])  # micro-batch bar in evaluation (micro_batch_starts)
+        title_field = (config["item_text_fields"] or [None])[0]  # the dataset may have no text fields
+        self.titles = item_texts(dataset, [title_field]) if title_field else [""] * dataset.item_num
+
+    def micro_batch_starts(self, total: int, desc: str) -> Any:
+        """First rows of the ``llm_micro_batch`` slices of ``total`` rows, under a progress bar when
+        ``show_progress``: RecBole's evaluation bar counts whole eval batches (often one), while the
+        LLM passes over the micro-batches are where evaluating these models spends its time."""
+        from tqdm import tqdm
+
+        return tqdm(range(0, total, self.micro_batch), desc=desc, unit="batch", leave=False, disable=not self.show_progress)
+
+    @property
+    def base_llm(self) -> nn.Module:
+        """The LLM under its LoRA wrapper (the wrapper itself when there is none)."""
+        return self.llm.get_base_model() if self.lora else self.llm
+
+    def train(self, mode: bool = True) -> FrozenBackboneLLMRecommender:
+        super().train(mode)
+        self.backbone.eval()  # frozen: dropout off, item table cached
+        self.llm.eval()  # frozen base: no dropout (LoRA dropout off too: adapters are small)
+        return self
+
+    def user_vectors(self, item_seq: torch.Tensor, item_seq_len: torch.Tensor) -> torch.Tensor:
+        """Backbone sequence vectors [B, C]; a user with an empty history gets the zero vector."""
+        with torch.no_grad():
+            user = self.backbone.forward(item_seq, item_seq_len.clamp(min=1))
+        return user * (item_seq_len > 0).unsqueeze(-1)
+
+    # ---- token batches ----
+    def left_pad(self, rows: list[list[int]], device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Left-padded ids [B, T] and attention mask [B, T]: the last position of every row is real."""
+        width = max((len(r) for r in rows), default=0)
+        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros(len(rows), width, dtype=torch.long)
+        for i, row in enumerate(rows):
+            if row:
+                ids[i, width - len(row):] = torch.tensor(row)
+                mask[i, width - len(row):] = 1
+        return ids.to(device), mask.to(device)
+
+    @staticmethod
+    def positions(mask: torch.Tensor, offset: int = 0) -> torch.Tensor:
+        """Position ids of left-padded rows [B, T]: 0 at each row's first real token, after ``offset`` prefix slots."""
+        return (mask.cumsum(dim=1) - 1).clamp(min=0) + offset
+
+    def save_peft_adapter(self, folder: str | Path) -> bool:
+        """With LoRA, write the adapter in peft's own format (``adapter_config.json`` and
+        ``adapter_model.safetensors``) into ``folder``, atomically, so ``PeftModel.from_pretrained``
+        on the same base LLM (cut to the same ``llm_layers``) loads it. Returns False without LoRA."""
+        if not self.lora:
+            return False
+        from recbole_llmalign.io import atomic_directory
+
+        with atomic_directory(folder) as staging:
+            self.llm.save_pretrained(staging)
+        return True
+
+    # ---- trainable-only checkpoints ----
+    def kept_names(self) -> set[str]:
+        return {name for name, p in self.named_parameters() if p.requires_grad} | set(self.kept_buffers)
+
+    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
+        """Only trainable parameters and ``kept_buffers``: the LLM and backbone are rebuilt from their own files."""
+        keep = self.kept_names()
+        return {k: v for k, v in super().state_dict(*args, **kwargs).items() if k in keep}
+
+    def load_state_dict(self, state_dict: dict[str, torch.Tensor], strict: bool = True, assign: bool = False) -> Any:
+        missing, unexpected = self.kept_names() - set(state_dict), set(state_dict) - self.kept_names()
+        if strict and (missing or unexpected):
+            raise RuntimeError(f"{type(self).__name__} checkpoint does not match this config: missing {sorted(missing)[:5]}, "
+                               f"unexpected {sorted(unexpected)[:5]}. Was it saved with other prefix/codebook/LoRA settings?")
+        return super().load_state_dict(state_dict, strict=False, assign=assign)
