@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib
+import importlib.util
+import pickle
 import subprocess
 import sys
 from pathlib import Path
@@ -27,12 +29,52 @@ def test_numpy_aliases_let_recbole_config_build(cyclic_dataset):
 
 
 def test_quick_start_imports_in_a_fresh_interpreter():
-    """ray 2.6.3 (imported by recbole.quick_start) needs np.bool8 and pkg_resources (setuptools<81)."""
-    code = "import recbole_llmalign; from recbole.quick_start import run_recbole, load_data_and_model; print('ok')"
+    """RecBole's quick_start and FLOPs counter import: thop imports distutils, which Python 3.12
+    removed from the standard library (the setuptools pin provides it). Where ray is installed
+    (the `ray` extra, Python 3.11), quick_start gets the real ray.tune: ray 2.6.3 needs np.bool8
+    (compat) and pkg_resources (the extra's setuptools<81)."""
+    code = ("import recbole_llmalign; from recbole.quick_start import run_recbole, load_data_and_model; "
+            "from recbole.quick_start import quick_start; from thop.profile import register_hooks; "
+            "print(getattr(quick_start.tune, '__name__', repr(quick_start.tune))); print('ok')")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                           cwd=Path(__file__).resolve().parents[1])
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip().endswith("ok")
+    if importlib.util.find_spec("ray") is not None:
+        assert done.stdout.splitlines()[-2] == "ray.tune", done.stdout  # not the stand-in: ray imports
+
+
+def test_recbole_quick_start_imports_without_ray():
+    """RecBole 1.2.1 imports ray in quick_start, and ray<=2.6.3 has no wheels for Python 3.12+."""
+    code = "\n".join([
+        "import sys; sys.modules['ray'] = None  # import ray fails, as where it is not installed",
+        "import recbole_llmalign",
+        "from recbole.quick_start import objective_function, quick_start",
+        "quick_start.tune.report(**{'ndcg@10': 0.5})  # objective_function's call: a no-op, as outside a ray session",
+        "try:",
+        "    quick_start.tune.run",
+        "except ImportError as error:",
+        "    print(error)",
+        "try:",
+        "    import ray",
+        "except ImportError:",
+        "    print('ray stays missing')",
+    ])
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 0, done.stderr[-2000:]
+    message, last = done.stdout.strip().splitlines()[-2:]
+    assert message.startswith("ray.tune.run: ray-based tuning needs ray") and '"ray>=1.13.0,<=2.6.3"' in message
+    assert last == "ray stays missing"  # the stand-in never outlives quick_start's import
+
+
+def test_missing_recbole_names_its_install_command():
+    """RecBole is installed on its own (--no-deps, for its ray pin): without it, say how."""
+    code = "import sys; sys.modules['recbole'] = None; import recbole_llmalign"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode != 0
+    assert done.stderr.strip().splitlines()[-1].endswith("pip install --no-deps recbole==1.2.1"), done.stderr[-2000:]
 
 
 def test_metrics_of_a_loaded_checkpoint_compute_without_building_a_config():
@@ -110,8 +152,65 @@ def test_user_data_path_is_honoured_for_ml_100k(tmp_path):
 
 def test_scoped_checkpoint_loading_leaves_torch_load_safe(tmp_path):
     """Only RecBole's own modules load pickled checkpoints; torch.load keeps weights_only=True."""
+    from recbole_llmalign.safe_load import UnsafeCheckpointError
+
     path = tmp_path / "obj.pt"
     torch.save({"config": Path("x")}, path)
-    with pytest.raises(Exception):
+    with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
         torch.load(path)
-    assert compat.load_checkpoint(path)["config"] == Path("x")
+    with pytest.raises(UnsafeCheckpointError, match="pathlib"):  # a Path is outside the allowlist
+        compat.load_checkpoint(path)
+    assert compat.load_checkpoint(path, trust=True)["config"] == Path("x")
+
+
+def test_dok_adapter_covers_every_recbole_call_of_dok_update():
+    """The adapter's module list is exactly the RecBole modules that call ``._update(``."""
+    import re
+
+    root = Path(importlib.util.find_spec("recbole").origin).parent
+    callers = {
+        ".".join(("recbole", *path.relative_to(root).with_suffix("").parts))
+        for path in root.rglob("*.py")
+        if re.search(r"\b\w+\._update\(", path.read_text(encoding="utf-8"))
+    }
+    assert callers == set(compat.MODULES_FILLING_DOK_MATRICES)
+
+
+def test_graph_models_build_their_adjacency_on_current_scipy(cyclic_dataset):
+    """LightGCN (like NGCF, NCL, GCMC, SpectralCF, KGIN, MCCLK) fills a dok_matrix with
+    ``_update``, which current scipy removed: the normalised adjacency must come out right."""
+    import scipy.sparse
+    from recbole.data import create_dataset, data_preparation
+
+    from recbole_llmalign.utils import get_model
+
+    assert scipy.sparse.dok_matrix is not compat._DokMatrixWithUpdate  # scipy itself is left as it was
+    data_path, name = cyclic_dataset
+    config = Config(model="LightGCN", dataset=name, config_dict=cyclic_config(data_path))
+    train_data, _, _ = data_preparation(config, create_dataset(config))
+    model = get_model("LightGCN")(config, train_data._dataset)
+
+    inter = train_data._dataset.inter_matrix(form="coo").astype(np.float64)
+    n_users = inter.shape[0]
+    adjacency = np.zeros((n_users + inter.shape[1],) * 2)
+    adjacency[inter.row, inter.col + n_users] = 1
+    adjacency[inter.col + n_users, inter.row] = 1
+    degree = (adjacency > 0).sum(axis=1) + 1e-7
+    expected = adjacency / np.sqrt(degree)[:, None] / np.sqrt(degree)[None, :]
+    assert np.allclose(model.norm_adj_matrix.to_dense().numpy(), expected, atol=1e-6)
+    assert adjacency.sum() == 2 * inter.nnz > 0
+
+
+def test_ksr_relation_vectors_match_the_model_dtype(recbole_tiny):
+    """RecBole's KSR keeps preloaded relation vectors as float64; every forward then fails."""
+    from recbole.data import create_dataset, data_preparation
+
+    from recbole_llmalign.utils import get_model
+    from tests.test_recbole_models import model_config
+
+    config = Config(model="KSR", dataset="rbtiny", config_dict=model_config("KSR", recbole_tiny))
+    train_data, _, _ = data_preparation(config, create_dataset(config))
+    model = get_model("KSR")(config, train_data._dataset)
+    assert model.relation_Matrix.dtype == model.entity_embedding.weight.dtype == torch.float32
+    batch = next(iter(train_data))
+    assert torch.isfinite(model.calculate_loss(batch))
