@@ -109,3 +109,46 @@ def smollm2_available() -> None:
         smollm2_gguf_path()
     except FileNotFoundError as missing:
         pytest.skip(str(missing))
+
+
+# recbole_tiny: the shape of RecBole's own test data, small enough for every model in seconds.
+N_USERS, N_ITEMS, PER_USER, ENTITY_DIM = 40, 30, 15, 8
+
+
+@pytest.fixture(scope="module")
+def recbole_tiny(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """40 users x 15 rated, timestamped items (of 30) with user/item features, a small KG and
+    pretrained entity vectors: the files RecBole's test data offers, at a size that trains in seconds."""
+    import math
+
+    root = tmp_path_factory.mktemp("recbole_tiny")
+    folder = root / "rbtiny"
+    inter = []
+    for user in range(1, N_USERS + 1):
+        for step in range(PER_USER):
+            item = (user * 7 + step * (1 + user % 3)) % N_ITEMS + 1
+            inter.append([f"u{user}", f"i{item}", 1 + (user + item) % 5, 1_000_000 + user * 100 + step])
+    seen, rows = set(), []
+    for row in inter:  # one rating per (user, item), as in MovieLens
+        if (row[0], row[1]) not in seen:
+            seen.add((row[0], row[1]))
+            rows.append(row)
+    write_atomic(folder / "rbtiny.inter", ["user_id:token", "item_id:token", "rating:float", "timestamp:float"], rows)
+    genres = ["Action", "Comedy", "Drama", "Horror", "Sci-Fi"]
+    write_atomic(folder / "rbtiny.item", ["item_id:token", "class:token_seq", "release_year:token", "price:float"],
+                 [[f"i{i}", f"{genres[i % 5]} {genres[(i * 3) % 5]}", 1990 + i % 7, 5.0 + i] for i in range(1, N_ITEMS + 1)])
+    write_atomic(folder / "rbtiny.user", ["user_id:token", "age:token", "gender:token"],
+                 [[f"u{u}", 20 + u % 4 * 10, "MF"[u % 2]] for u in range(1, N_USERS + 1)])
+    triples = [[f"e{i}", "r_genre", f"g{i % 5}"] for i in range(1, N_ITEMS + 1)]
+    triples += [[f"e{i}", "r_year", f"y{i % 7}"] for i in range(1, N_ITEMS + 1)]
+    triples += [[f"e{i}", "r_similar", f"e{i % N_ITEMS + 1}"] for i in range(1, N_ITEMS + 1)]
+    write_atomic(folder / "rbtiny.kg", ["head_id:token", "relation_id:token", "tail_id:token"], triples)
+    write_atomic(folder / "rbtiny.link", ["item_id:token", "entity_id:token"],
+                 [[f"i{i}", f"e{i}"] for i in range(1, N_ITEMS + 1)])
+    entities = [f"e{i}" for i in range(1, N_ITEMS + 1)] + [f"g{g}" for g in range(5)] + [f"y{y}" for y in range(7)]
+    write_atomic(folder / "rbtiny.ent", ["ent_id:token", "ent_emb:float_seq"],
+                 [[e, " ".join(f"{math.sin(k + j):.4f}" for j in range(ENTITY_DIM))] for k, e in enumerate(entities)])
+    write_atomic(folder / "rbtiny.rel", ["rel_id:token", "rel_emb:float_seq"],
+                 [[r, " ".join(f"{math.cos(k + j):.4f}" for j in range(ENTITY_DIM))]
+                  for k, r in enumerate(["r_genre", "r_year", "r_similar"])])
+    return str(root)

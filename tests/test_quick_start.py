@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import csv
-import sys
-from pathlib import Path
 
 import pytest
 
@@ -38,11 +36,11 @@ def test_unknown_model_lists_both_registries_instead_of_lightgbm_error():
     assert "RecBole models:" in message and "GRU4Rec" in message and "recbole_llmalign models:" in message
 
 
-def test_unknown_model_through_cli_is_a_clear_error():
+def test_unknown_model_through_cli_is_a_clear_error(capsys):
     from recbole_llmalign.cli import main
 
-    with pytest.raises(ValueError, match="Unknown model 'NoSuchModel'"):
-        main(["--model=NoSuchModel", "--dataset=ml-100k"])
+    assert main(["--model=NoSuchModel", "--dataset=ml-100k"]) == 2
+    assert "error: Unknown model 'NoSuchModel'" in capsys.readouterr().err
 
 
 def test_time_budget_stops_after_first_epoch_and_still_evaluates(cyclic_dataset):
