@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import random
+import sys
 import time
 from pathlib import Path
 

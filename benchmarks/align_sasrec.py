@@ -23,8 +23,8 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import shutil
+import sys
 from pathlib import Path
 
 import yaml

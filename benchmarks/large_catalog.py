@@ -19,8 +19,8 @@ import argparse
 import concurrent.futures
 import multiprocessing
 import os
-import sys
 import resource
+import sys
 import time
 from pathlib import Path
 

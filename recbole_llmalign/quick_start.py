@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import concurrent.futures
+import csv
+import io
 import logging
 import multiprocessing
 import os
@@ -16,12 +18,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from recbole.data import create_dataset, data_preparation
+from recbole.data import create_dataset
 from recbole.data.transform import construct_transform
 from recbole.utils import get_environment, get_flops, init_logger, init_seed, set_color
 
-from recbole_llmalign.config import Config
-from recbole_llmalign.data import prepare_dataset
+from recbole_llmalign.config import Config, upgrade_config
+from recbole_llmalign.data import data_preparation, prepare_dataset
+from recbole_llmalign.io import atomic_write_text, atomic_write_with, config_key
+from recbole_llmalign.logs import evaluate_backbone, log_run_summary, quiet_third_party_warnings
 from recbole_llmalign.trainer import stacking_holdout, with_run_controls
 from recbole_llmalign.utils import get_model, get_trainer
 
@@ -39,6 +43,10 @@ class RunCost:
     eval_sec: float = 0.0
     peak_mem_mb: float = 0.0
     checkpoint: str = ""
+    stopped_by: str = ""  # why training ended: early_stop (stopping_step), budget (train_time_budget) or epochs
+    train_time_budget: float = 0.0  # the run's train_time_budget in seconds; 0 = none
+    seed: int = 0
+    per_user_file: str = ""  # CSV of each test user's metrics, beside the checkpoint (see save_per_user_metrics)
     extra: dict[str, float] = field(default_factory=dict)
     valid_curve: list[tuple[float, float]] = field(default_factory=list)  # (seconds since training start, valid score)
 
@@ -59,6 +67,8 @@ def run_with_cost(
 ) -> tuple[dict[str, Any], RunCost]:
     """Train and evaluate exactly as RecBole's ``run_recbole`` does, and also return the cost."""
     config = Config(model=model, dataset=dataset, config_file_list=config_file_list, config_dict=config_dict)
+    quiet_third_party_warnings(config["quiet_third_party_warnings"])
+    started = time.perf_counter()
     init_seed(config["seed"], config["reproducibility"])
     init_logger(config)
     logger = getLogger()
@@ -76,10 +86,11 @@ def run_with_cost(
     model_obj = get_model(config["model"])(config, train_data._dataset).to(config["device"])
     logger.info(model_obj)
     transform = construct_transform(config)
-    try:  # RecBole's counter is informational and trips over shared submodules (e.g. LoRA adapters)
+    try:  # RecBole's counter is informational: it trips over shared submodules (e.g. LoRA adapters), over
+        # AlignGenRec before its tokenizer is fitted, and over RecBole's CPR models (predict() asserts False)
         flops = get_flops(model_obj, dataset_obj, config["device"], logger, transform)
         logger.info(set_color("FLOPs", "blue") + f": {flops}")
-    except (KeyError, RuntimeError, ValueError, TypeError) as error:
+    except (KeyError, RuntimeError, ValueError, TypeError, AssertionError) as error:
         logger.info(f"FLOPs not counted ({type(error).__name__}: {error}); training is unaffected.")
 
     trainer = with_run_controls(get_trainer(config["MODEL_TYPE"], config["model"]))(config, model_obj)
@@ -94,10 +105,13 @@ def run_with_cost(
         test_data, load_best_model=has_best_checkpoint, show_progress=config["show_progress"]
     )
     eval_sec = time.perf_counter() - eval_start
-    test_cold_result = evaluate_cold_slice(config, trainer, train_data, test_data)
+    test_per_user = trainer.last_per_user  # the slices are averaged from it (or evaluated again, which replaces it)
+    test_cold_result = evaluate_cold_slice(config, trainer, train_data, test_data, per_user=test_per_user)
+    test_new_result = evaluate_new_slice(config, trainer, test_data, per_user=test_per_user)
     mode = config["eval_args"]["mode"]  # RecBole turns it into {"valid": ..., "test": ...}
     labeled = (mode.get("test") if isinstance(mode, dict) else mode) == "labeled"
     test_warm_result = evaluate_cold_slice(config, trainer, train_data, test_data, warm=True) if labeled else None
+    backbone_test_result = evaluate_backbone(trainer, model_obj, test_data)  # models with a frozen backbone: same test data
 
     logger.info("The running environment of this training is as follows:\n" + get_environment(config).draw())
     logger.info(set_color("best valid ", "yellow") + f": {best_valid_result}")
@@ -112,9 +126,15 @@ def run_with_cost(
     if test_cold_result is not None:
         logger.info(set_color("test result, cold items", "yellow") + f": {test_cold_result}")
         result["test_cold_result"] = test_cold_result
+    if test_new_result is not None:
+        logger.info(set_color("test result, new items", "yellow") + f": {test_new_result}")
+        result["test_new_result"] = test_new_result
     if test_warm_result is not None:  # labeled protocol: AUC on warm candidates beside cold ones (SeLLa-Rec's columns)
         logger.info(set_color("test result, warm items", "yellow") + f": {test_warm_result}")
         result["test_warm_result"] = test_warm_result
+    if backbone_test_result is not None:
+        logger.info(set_color("test result, backbone", "yellow") + f": {backbone_test_result}")
+        result["backbone_test_result"] = backbone_test_result
     epochs = len(trainer.epoch_train_seconds)
     cost = RunCost(
         epochs=epochs,
@@ -126,11 +146,16 @@ def run_with_cost(
         eval_sec=eval_sec,
         peak_mem_mb=peak_memory_mb(config["device"]),
         checkpoint=trainer.saved_model_file if has_best_checkpoint else "",
+        stopped_by=trainer.stopped_by,
+        train_time_budget=float(trainer.train_time_budget or 0.0),
+        seed=int(config["seed"]),
+        per_user_file=save_per_user_metrics(config, trainer.saved_model_file, test_per_user, train_data, test_data),
         valid_curve=list(getattr(trainer, "valid_curve", [])),
         extra={"text_sec": float(getattr(model_obj, "text_seconds", 0.0)),
                "train_samples": float(getattr(trainer, "training_samples", len(train_data._dataset))),
                **{k: float(v) for k, v in getattr(model_obj, "cost_report", {}).items()}},
     )
+    log_run_summary(config, result, asdict(cost), time.perf_counter() - started, getattr(type(model_obj), "backbone_model", None))
     if not config["single_spec"]:
         torch.distributed.destroy_process_group()
     return result, cost
@@ -143,8 +168,6 @@ def ensure_backbone(config: Any, config_file_list: list[str] | None = None) -> N
     When it is empty, the backbone is trained once with the same dataset settings and stored
     under ``<checkpoint_dir>/backbones/`` keyed by those settings; later runs reuse it.
     """
-    import hashlib
-    import json
     import shutil
 
     model_class = get_model(config["model"])
@@ -159,29 +182,22 @@ def ensure_backbone(config: Any, config_file_list: list[str] | None = None) -> N
     holdout = stacking_holdout(config)
     if holdout:  # stacking (a YAML default, so not among the user's own keys): the backbone holds the same targets out
         shared["holdout_last_targets"] = holdout
-    key = hashlib.sha256(json.dumps({"dataset": config["dataset"], **shared}, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    key = config_key({"dataset": config["dataset"], **shared})
     target = Path(config["checkpoint_dir"]) / "backbones" / f"{backbone_model}-{config['dataset']}-{key}.pth"
     if not target.is_file():
         logger = getLogger()
         logger.info(f"No backbone_checkpoint given: training {backbone_model} on {config['dataset']} once -> {target}")
-        _, cost = run_with_cost(backbone_model, config["dataset"], config_file_list, dict(shared), saved=True)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        temp = target.with_suffix(".tmp")
-        shutil.copyfile(cost.checkpoint, temp)
-        os.replace(temp, target)
+        # show_progress stays False in the cache key above (it changes no weights): the bar follows this run
+        _, cost = run_with_cost(backbone_model, config["dataset"], config_file_list,
+                                {**shared, "show_progress": config["show_progress"]}, saved=True)
+        atomic_write_with(target, lambda temp: shutil.copyfile(cost.checkpoint, temp))
         init_logger(config)  # the backbone run replaced the log handlers
     config["backbone_checkpoint"] = str(target)
 
 
-def evaluate_cold_slice(config: Any, trainer: Any, train_data: Any, test_data: Any,
-                        warm: bool = False) -> dict[str, float] | None:
-    """Test metrics on the rows whose test item had at most ``cold_item_threshold`` training interactions
-    (with ``warm=True``: more than that).
-
-    Returns None when the threshold is unset or the slice is empty. Works for any model: the same
-    evaluator runs on a copy of the test loader restricted to those rows (one row per user under
-    leave-one-out; one per (user, item) pair in labeled mode).
-    """
+def cold_rows(config: Any, train_data: Any, test_data: Any, warm: bool = False) -> Any:
+    """Test rows whose item had at most ``cold_item_threshold`` training interactions (``warm``: more);
+    None when the threshold is unset."""
     import numpy as np
 
     from recbole_llmalign.data import training_pairs
@@ -194,13 +210,105 @@ def evaluate_cold_slice(config: Any, trainer: Any, train_data: Any, test_data: A
     counts = np.bincount(items, minlength=train_dataset.item_num)
     targets = test_dataset.inter_feat[test_dataset.iid_field].numpy()
     is_cold = counts[targets] <= int(threshold)
-    rows = np.flatnonzero(~is_cold if warm else is_cold)
-    if len(rows) == 0:
+    return np.flatnonzero(~is_cold if warm else is_cold)
+
+
+def new_rows(test_data: Any) -> Any:
+    """Test rows whose item is new under ``new_item_ratio``; None when the protocol is off."""
+    import numpy as np
+
+    test_dataset = test_data._dataset
+    new_items = getattr(test_dataset, "new_item_ids", None)
+    if new_items is None:
         return None
+    return np.flatnonzero(np.isin(test_dataset.inter_feat[test_dataset.iid_field].numpy(), new_items))
+
+
+def slice_from_per_user(config: Any, test_data: Any, rows: Any, per_user: dict[str, Any] | None) -> dict[str, Any] | None:
+    """RecBole's metrics on ``rows`` averaged from the full test evaluation's per-user values, without
+    scoring again (a beam-search model would otherwise search those users twice).
+
+    Only when every test row is its own user (leave-one-out full ranking) and every configured metric
+    has per-user values; None otherwise. Same numbers as evaluating a loader of those rows: each
+    row's scores do not depend on the other rows of its batch.
+    """
+    import numpy as np
+
+    from recbole_llmalign.evaluator import PER_USER_TOPK_METRICS
+
+    metrics = [m.lower() for m in config["metrics"]]
+    if per_user is None or any(m not in PER_USER_TOPK_METRICS for m in metrics):
+        return None
+    test_dataset = test_data._dataset
+    row_users = test_dataset.inter_feat[test_dataset.uid_field].numpy()
+    if len(np.unique(row_users)) != len(row_users) or len(per_user["user"]) != len(row_users):
+        return None
+    order = np.argsort(per_user["user"])
+    index = order[np.searchsorted(per_user["user"], row_users[rows], sorter=order)]
+    return {f"{m}@{k}": round(per_user[f"{m}@{k}"][index].mean(), config["metric_decimal_place"])
+            for m in metrics for k in config["topk"]}
+
+
+def evaluate_rows(config: Any, trainer: Any, test_data: Any, rows: Any,
+                  per_user: dict[str, Any] | None = None) -> dict[str, float] | None:
+    """Test metrics on ``rows`` of the test split (None when there are none), plus ``n_users``.
+
+    Works for any model: the same evaluator runs on a copy of the test loader restricted to those
+    rows (one row per user under leave-one-out; one per (user, item) pair in labeled mode), unless
+    ``per_user`` (the full test evaluation's per-user values) already holds them (``slice_from_per_user``).
+    """
+    if rows is None or len(rows) == 0:
+        return None
+    averaged = slice_from_per_user(config, test_data, rows, per_user)
+    if averaged is not None:
+        return {**averaged, "n_users": float(len(rows))}
+    test_dataset = test_data._dataset
     loader = type(test_data)(config, test_dataset.copy(test_dataset.inter_feat[rows]), test_data._sampler, shuffle=False)
     result = trainer.evaluate(loader, load_best_model=False, show_progress=False)
     result["n_users"] = float(len(rows))
     return result
+
+
+def evaluate_cold_slice(config: Any, trainer: Any, train_data: Any, test_data: Any, warm: bool = False,
+                        per_user: dict[str, Any] | None = None) -> dict[str, float] | None:
+    """Test metrics on the rows whose test item had at most ``cold_item_threshold`` training interactions
+    (with ``warm=True``: more than that); None when the threshold is unset or the slice is empty."""
+    return evaluate_rows(config, trainer, test_data, cold_rows(config, train_data, test_data, warm), per_user)
+
+
+def evaluate_new_slice(config: Any, trainer: Any, test_data: Any,
+                       per_user: dict[str, Any] | None = None) -> dict[str, float] | None:
+    """Test metrics on the rows whose test item is new (``new_item_ratio``: never in training, as target
+    or input); None when the protocol is off or the slice is empty."""
+    return evaluate_rows(config, trainer, test_data, new_rows(test_data), per_user)
+
+
+def save_per_user_metrics(config: Any, checkpoint: str, per_user: dict[str, Any] | None, train_data: Any,
+                          test_data: Any) -> str:
+    """Write each test user's metrics to ``<checkpoint without .pth>.test_per_user.csv``; returns the path ("" if none).
+
+    Columns: ``user`` (external id), one per top-k metric (``ndcg@10``, ...), then ``test_cold`` and
+    ``test_new`` (1 when the user's test item is in that slice). Paired significance tests between
+    models (``report.significance_rows``) read these; the mean of a column is RecBole's test metric.
+    """
+    import numpy as np
+
+    if per_user is None or (not config["single_spec"] and config["local_rank"] != 0):
+        return ""
+    test_dataset = test_data._dataset
+    row_users = test_dataset.inter_feat[test_dataset.uid_field].numpy()
+    users = per_user["user"]
+    columns = {"user": np.asarray(test_dataset.field2id_token[test_dataset.uid_field])[users]}
+    columns.update({k: v for k, v in per_user.items() if k != "user"})
+    for split, rows in (("test_cold", cold_rows(config, train_data, test_data)), ("test_new", new_rows(test_data))):
+        columns[split] = np.isin(users, row_users[rows]).astype(int) if rows is not None else np.zeros(len(users), dtype=int)
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(columns)
+    writer.writerows(zip(*((v if k == "user" else [f"{x:.6g}" for x in v]) for k, v in columns.items())))
+    path = Path(checkpoint).with_suffix("").as_posix() + ".test_per_user.csv"
+    atomic_write_text(path, buffer.getvalue())
+    return path
 
 
 def run_recbole_llmalign(
@@ -220,7 +328,8 @@ def run_recbole_llmalign(
 
     Returns the same dict: ``best_valid_score``, ``valid_score_bigger``, ``best_valid_result``,
     ``test_result``; plus ``test_cold_result`` (metrics on test users whose target item had at
-    most ``cold_item_threshold`` training interactions) when that slice is not empty.
+    most ``cold_item_threshold`` training interactions) when that slice is not empty, and
+    ``test_new_result`` (users whose test item is new under ``new_item_ratio``) when that is on.
     ``nproc``/``world_size``/``ip``/``port``/``group_offset`` are RecBole's multi-process
     arguments; on CPUs the ranks use the gloo backend.
     """
@@ -289,7 +398,16 @@ def shared_protocol(
 
 
 def _run_in_child(args: tuple) -> tuple[dict[str, Any], dict[str, Any]]:
-    result, cost = run_with_cost(*args)
+    import pickle
+
+    try:
+        result, cost = run_with_cost(*args)
+    except Exception as error:  # an exception that cannot cross the process boundary would hide its own message
+        try:
+            pickle.loads(pickle.dumps(error))
+        except Exception:
+            raise RuntimeError(f"{type(error).__name__}: {error}") from None
+        raise
     return result, asdict(cost)
 
 
@@ -301,48 +419,105 @@ def compare(
     output_dir: str | Path = "saved/compare",
     name: str | None = None,
     saved: bool = True,
+    seeds: list[int] | None = None,
+    reference: str | None = None,
+    per_user_dir: str | Path | None = None,
+    resume: bool = False,
+    table: dict[str, Any] | None = None,
+    keep_going: bool = False,
 ) -> list[dict[str, Any]]:
     """Run every model with one shared config and seed; write a Markdown table, CSV and PNG.
 
     ``models`` holds names, or ``(name, setting, overrides)`` for an ablation: ``overrides`` are
-    applied on top of the shared config for that run only. Each model runs in a fresh process so its peak memory is its own and no state leaks from one
-    run to the next. Returns one record per model (see ``report.records_from_run``).
+    applied on top of the shared config for that run only. Each model runs in a fresh process so
+    its peak memory is its own and no state leaks from one run to the next. Returns one record
+    per run (``{model, setting, seed, result, cost}``).
+
+    ``seeds``: every model runs once per seed (all models for the first seed, then the next), and
+    the outputs gain per-seed rows and mean/std rows (``report`` module docstring). ``reference``
+    (a model name, or ``Model:setting``): every other model gets a paired bootstrap over test users
+    of its NDCG@10 difference to it, pooled over seeds; each run's per-user test metrics are kept
+    for it in ``per_user_dir`` (default ``<checkpoint_dir>/per_user/<name>``, outside the results).
+    ``resume``: runs already in ``<output_dir>/<name>.csv`` (same model, setting and seed) are not
+    rerun but merged, as are that file's other runs. ``table``: keyword arguments for
+    ``report.write_comparison`` (``preface``, ``metrics``, ``slice_metrics``, ``notes``).
+    ``keep_going``: a run that fails is logged, listed under the table and skipped (a resumed
+    comparison retries it) instead of ending the comparison.
     """
+    import shutil
+
     from tqdm import tqdm
 
     from recbole_llmalign import report
 
+    quiet_third_party_warnings()  # each run then applies its own config's quiet_third_party_warnings
     name = name or f"compare-{dataset}"
     runs = [(m, "default", {}) if isinstance(m, str) else m for m in models]
     config_dict = shared_protocol([model for model, _, _ in runs], dataset, config_file_list, config_dict)
-    records = []
+    output_dir = Path(output_dir)
+    per_user_dir = Path(per_user_dir) if per_user_dir else Path(config_dict.get("checkpoint_dir", "saved")) / "per_user" / name
+    earlier: dict[tuple[str, str, int | None], dict[str, Any]] = {}
+    if resume and (output_dir / f"{name}.csv").is_file():
+        _, found = report.records_from_csv(output_dir / f"{name}.csv")
+        earlier = {(r["model"], r["setting"], r["seed"]): r for r in found}
+    plan = [(model, setting, overrides, seed) for seed in (seeds or [None]) for model, setting, overrides in runs]
+    planned = {(model, setting, seed) for model, setting, _, seed in plan}
+    records = [r for key, r in earlier.items() if key not in planned]  # merged from an earlier, different invocation
+    failures: list[str] = []
+
+    def write() -> None:
+        options = dict(table or {})
+        if failures:
+            options["preface"] = options.get("preface", "") + "Runs that failed (rerun to retry them):\n\n" + "".join(failures) + "\n"
+        report.write_comparison(records, dataset, output_dir, name, reference=reference, per_user_dir=per_user_dir, **options)
+
     context = multiprocessing.get_context("spawn")
-    progress = tqdm(runs, desc=f"compare on {dataset}", unit="run")
-    for model, setting, overrides in progress:
-        progress.set_postfix_str(f"{model} ({setting})")
-        with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
-            result, cost = pool.submit(
-                _run_in_child, (model, dataset, config_file_list, {**config_dict, **overrides}, saved)
-            ).result()
-        records.append({"model": model, "setting": setting, "result": result, "cost": cost})
-        report.write_comparison(records, dataset, Path(output_dir), name)  # partial results survive a crash
-    logging.getLogger(__name__).info(f"comparison written to {Path(output_dir) / name}.md/.csv/.png")
+    progress = tqdm(plan, desc=f"compare on {dataset}", unit="run")
+    for model, setting, overrides, seed in progress:
+        if (model, setting, seed) in earlier:
+            records.append(earlier[(model, setting, seed)])
+            continue
+        progress.set_postfix_str(f"{model} ({setting}{'' if seed is None else f', seed {seed}'})")
+        run_config = {**config_dict, **overrides, **({} if seed is None else {"seed": seed})}
+        try:
+            with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
+                result, cost = pool.submit(_run_in_child, (model, dataset, config_file_list, run_config, saved)).result()
+        except Exception as error:
+            if not keep_going:
+                raise
+            message = " ".join(f"{type(error).__name__}: {error}".split())
+            logging.getLogger(__name__).error(f"compare: {model} ({setting}, seed {seed}) failed and is skipped: {message}")
+            failures.append(f"- {model} ({setting}{'' if seed is None else f', seed {seed}'}) failed: {message[:500]}\n")
+            continue
+        record = {"model": model, "setting": setting, "seed": seed, "result": result, "cost": cost}
+        if cost.get("per_user_file"):
+            atomic_write_with(report.per_user_path(per_user_dir, model, setting, report.record_seed(record)),
+                              lambda temp, source=cost["per_user_file"]: shutil.copyfile(source, temp))
+        records.append(record)
+        write()  # partial results survive a crash
+    if records and (failures or all(key in earlier for key in planned)):  # the failures listed, or nothing ran
+        write()
+    if reference and not any(r["model"] == reference.partition(":")[0] for r in records):
+        logging.getLogger(__name__).warning(f"reference {reference!r} is not among the compared models; no significance rows.")
+    logging.getLogger(__name__).info(f"comparison written to {output_dir / name}.md/.csv/.png")
     return records
 
 
-def load_data_and_model(model_file: str | Path) -> tuple[Any, Any, Any, Any, Any, Any]:
+def load_data_and_model(model_file: str | Path, trust: bool = False) -> tuple[Any, Any, Any, Any, Any, Any]:
     """RecBole's ``load_data_and_model`` for plugin and RecBole checkpoints alike.
 
     Returns ``(config, model, dataset, train_data, valid_data, test_data)``, the model in eval
     mode on the config's device. The checkpoint is read on the CPU first, so a GPU-trained file
-    loads on a CPU-only machine.
+    loads on a CPU-only machine. It is read under the allowlist of ``safe_load`` unless ``trust``
+    (``--trust_checkpoint``), which also becomes the loaded config's ``trust_checkpoint``, the
+    trust the model's own loads (an LLM model's backbone) use.
     """
     from recbole_llmalign.compat import load_checkpoint
 
     if not Path(model_file).is_file():
         raise FileNotFoundError(f"Checkpoint {model_file} does not exist; pass a file from the run's checkpoint_dir (default saved/).")
-    checkpoint = load_checkpoint(model_file, map_location="cpu")
-    config = checkpoint["config"]
+    checkpoint = load_checkpoint(model_file, map_location="cpu", trust=trust)
+    config = upgrade_config(checkpoint["config"])  # checkpoints from earlier versions
     if not torch.cuda.is_available():
         config["device"] = torch.device("cpu")
     init_seed(config["seed"], config["reproducibility"])
@@ -356,3 +531,6 @@ def load_data_and_model(model_file: str | Path) -> tuple[Any, Any, Any, Any, Any
     model.load_other_parameter(checkpoint.get("other_parameter"))
     model.eval()
     return config, model, dataset, train_data, valid_data, test_data
+
+
+from recbole_llmalign.hyper import objective_function  # noqa: E402,F401  RecBole's tuning entry point (HyperTuning)

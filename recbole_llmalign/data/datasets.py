@@ -112,6 +112,37 @@ def _prepare_shared_copy(config: Any) -> None:
     )
 
 
+def _prepare_quoted_copy(config: Any) -> None:
+    """Use the atomic files under data_path; else convert the shared copy there once, CSV-quoted.
+
+    RecBole's reader (and pandas) take a field that opens with ``"`` for a quoted field, so one
+    amazon-office description that starts with a quotation mark breaks the raw file. The copy has
+    the same columns and text, with such fields quoted (``"`` doubled), and a manifest; a copy that
+    fails its manifest is rebuilt.
+    """
+    import csv
+
+    from recbole_llmalign.data.atomic import MANIFEST
+
+    dataset = config["dataset"]
+    target = Path(config["data_path"])
+    if (target / f"{dataset}.inter").is_file() and (not (target / MANIFEST).is_file() or verify_dataset_dir(target)):
+        return
+    shared = shared_data_dir() / dataset
+    if not (shared / f"{dataset}.inter").is_file():
+        _prepare_shared_copy(config)  # raises the error naming both places
+    files = {}
+    for path in sorted(shared.glob(f"{dataset}.*")):
+        if path.suffix not in (".inter", ".item", ".user"):
+            continue
+        types = _atomic_header(path)
+        frame = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False, quoting=csv.QUOTE_NONE, encoding="utf-8")
+        frame.columns = list(types)
+        files[path.name] = (frame, types)
+    logger.info(f"Converting {shared} into {target} (first use; reused afterwards): fields quoted for RecBole's reader.")
+    write_dataset_dir(target, files, source_note=f"{shared}, fields quoted for RecBole's reader")
+
+
 AMAZON_MI_SOURCE = "amazon-mi-reviews/Musical_Instruments_reviews_2014_partial.csv"
 
 
@@ -139,6 +170,7 @@ OFFLINE_DATASETS: dict[str, Callable[[Any], None] | None] = {
     "ml-1m": _prepare_ml1m,
     "ml-1m-ctr": _prepare_ml1m,  # the same ratings under the labeled (CTR) protocol of its YAML
     "amazon-games": _prepare_shared_copy,
+    "amazon-office": _prepare_quoted_copy,  # its .item file has a field opening with a quotation mark
     "amazon-mi-reviews": _prepare_amazon_mi,
 }
 

@@ -35,11 +35,30 @@ def _dataset_file(dataset: Any, suffix: str) -> Path:
     return Path(dataset.config["data_path"]) / f"{dataset.dataset_name}.{suffix}"
 
 
+def truncate_words(text: str, max_words: int | None) -> str:
+    """The first ``max_words`` whitespace-separated words of ``text`` (all of it when None)."""
+    if max_words is None:
+        return text
+    words = text.split()
+    return " ".join(words[:max_words]) if len(words) > max_words else text
+
+
+def field_word_limits(config: Any, fields: Sequence[str]) -> dict[str, int]:
+    """``item_text_field_words`` (field -> max words) checked against the fields in use."""
+    limits = (config["item_text_field_words"] if "item_text_field_words" in config else None) or {}
+    if not isinstance(limits, dict) or any(not isinstance(v, int) or isinstance(v, bool) or v < 1 for v in limits.values()):
+        raise ValueError(f"Config key 'item_text_field_words' must map field names to positive word counts "
+                         f"(default {{}}, documented in properties/overall.yaml), got {limits!r}.")
+    return {field: int(limits[field]) for field in fields if field in limits}
+
+
 def item_texts(dataset: Any, fields: Sequence[str]) -> list[str]:
     """Text per internal item id: the first field as is, the others as ``field: value``.
 
     Example for ml-100k with ``[movie_title, release_year, class]``:
-    ``"Toy Story; release_year: 1995; class: Animation Children's Comedy"``.
+    ``"Toy Story; release_year: 1995; class: Animation Children's Comedy"``. A field named in
+    ``item_text_field_words`` keeps only its first N words (long descriptions would otherwise
+    crowd out the title within a sentence encoder's or an LLM prompt's token limit).
     """
     if not fields:
         raise ValueError("item_texts needs at least one field; set item_text_fields in the dataset YAML.")
@@ -53,11 +72,12 @@ def item_texts(dataset: Any, fields: Sequence[str]) -> list[str]:
     frame = _read_atomic(path, [iid_field, *fields])
     token_to_id = dataset.field2token_id[iid_field]
     texts = [""] * dataset.item_num
+    limits = field_word_limits(dataset.config, fields)
     for token, *values in zip(frame[iid_field], *(frame[f] for f in fields)):
         internal_id = token_to_id.get(token)
         if internal_id is None:
             continue  # filtered out of this dataset
-        values = [str(v).strip() for v in values]
+        values = [truncate_words(str(v).strip(), limits.get(f)) for f, v in zip(fields, values)]
         parts = [values[0]] + [f"{f}: {v}" for f, v in zip(fields[1:], values[1:]) if v]
         texts[internal_id] = "; ".join(p for p in parts if p)
     return texts

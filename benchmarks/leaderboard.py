@@ -1,0 +1,206 @@
+"""One leaderboard per dataset: the standard model set under one config and one seed set.
+
+Rows (model, setting): Pop, GRU4Rec, SASRec, BERT4Rec (RecBole, item ids only), SASRecF and FDSA
+(RecBole, item features = the dataset YAML's ``selected_features``, its short token fields),
+AlignSASRec ``default`` (ids + item text) and ``id_only`` (plain SASRec items, no alignment loss,
+all-positions training: "SASRec, original all-positions training"), AlignLLMRec and AlignGenRec (a
+frozen AlignSASRec backbone trained first with the same settings, then SmolLM2-135M).
+
+Every row trains to early stopping (``stopping_step`` on valid NDCG@10) unless the wall-clock
+budget binds, which is the same for every non-LLM row; each row says which (``stopped_by``) and
+its budget. Time-ordered leave-one-out, full ranking. Columns: test / test_cold / test_new NDCG@10,
+Recall@10, HR@5 (mean ± std over seeds), the paired-bootstrap NDCG@10 difference to SASRec (95%
+interval, pooled over seeds), s/epoch, epochs, stopped_by, peak memory. Runs are resumable: rerun
+the same command after a crash or with more ``--models`` / ``--seeds`` and finished runs are kept
+(``--fresh`` starts over). Per-user test metrics go to ``saved/leaderboard/<name>/`` (not results/).
+
+    python benchmarks/leaderboard.py --dataset=amazon-office --seeds=2020,2021,2022
+    python benchmarks/leaderboard.py --dataset=amazon-office --seeds=2020,2021,2022 --new-item-ratio=0.1
+    python benchmarks/leaderboard.py --dataset=ml-100k --seeds=2020,2021,2022
+    python benchmarks/leaderboard.py --dataset=amazon-games --budget=1800
+    # a quick look on a user subsample (named -u<N> in the results)
+    python benchmarks/leaderboard.py --dataset=amazon-office --users=200 --models=Pop,SASRec --seeds=2020,2021 --epochs=2
+
+Writes ``benchmarks/results/leaderboard_<dataset>[-u<N>][_new<ratio>].{md,csv,png}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+RESULTS = Path(__file__).resolve().parent / "results"
+PLUGIN_DATASET_YAML = Path(__file__).resolve().parents[1] / "recbole_llmalign" / "properties" / "dataset"
+DATASETS = ("amazon-office", "amazon-games", "ml-100k", "ml-1m")
+
+ID_ONLY = {"item_representation": "id", "seq_text_align_weight": 0.0, "id_text_align_weight": 0.0}  # as align_sasrec.py
+# (run id, model, setting, overrides): the standard set, in table order
+STANDARD = [
+    ("Pop", "Pop", "default", {"train_neg_sample_args": None}),  # RecBole's Pop counts sampled negatives as interactions
+    ("GRU4Rec", "GRU4Rec", "default", {}),
+    ("SASRec", "SASRec", "default", {}),
+    ("BERT4Rec", "BERT4Rec", "default", {}),
+    # RecBole pickles these models' feature layer, with the whole dataset, into their checkpoint, which the allowlist
+    # refuses; the file is the one this same run wrote moments before, so it is loaded as trusted.
+    ("SASRecF", "SASRecF", "default", {"trust_checkpoint": True}),
+    ("FDSA", "FDSA", "default", {"trust_checkpoint": True}),
+    ("AlignSASRec", "AlignSASRec", "default", {}),
+    ("AlignSASRec:id_only", "AlignSASRec", "id_only", ID_ONLY),
+    ("AlignLLMRec", "AlignLLMRec", "default", {}),
+    ("AlignGenRec", "AlignGenRec", "default", {}),
+]
+FEATURE_MODELS = ("SASRecF", "FDSA")
+LLM_MODELS = ("AlignLLMRec", "AlignGenRec")
+
+
+def source_folder(dataset: str, data_root: Path) -> Path:
+    """Folder holding the dataset's atomic files, found or built exactly as a run finds them."""
+    import recbole
+
+    from recbole_llmalign.config import Config
+    from recbole_llmalign.data import prepare_dataset
+
+    if dataset == "ml-100k":  # RecBole's wheel ships it
+        return Path(recbole.__file__).resolve().parent / "dataset_example" / "ml-100k"
+    config = Config(model="Pop", dataset=dataset, config_dict={"data_path": str(data_root), "state": "ERROR"})
+    prepare_dataset(config)
+    return Path(config["data_path"])
+
+
+def field_use(name: str, config_files: list[str] | None, data_config: dict[str, Any]) -> tuple[dict[str, str], list[str]]:
+    """(note per run id, run ids that cannot run): which item fields each model reads, and why not the others."""
+    from recbole_llmalign.config import Config
+    from recbole_llmalign.data import prepare_dataset
+    from recbole_llmalign.data.datasets import _atomic_header
+
+    config = Config(model="SASRecF", dataset=name, config_file_list=config_files, config_dict={**data_config, "state": "ERROR"})
+    prepare_dataset(config)  # where the run will read the files from
+    item_file = Path(config["data_path"]) / f"{name}.item"
+    header = _atomic_header(item_file) if item_file.is_file() else {}
+    loaded = set((config["load_col"] or {}).get("item", []))
+    numerical = set(config["numerical_features"] or [])
+    usable, refused = [], []
+    for field in config["selected_features"] or []:
+        kind = header.get(field)
+        if kind is None:
+            refused.append(f"{field} (no such field in {item_file.name})")
+        elif field not in loaded:
+            refused.append(f"{field} (not in load_col)")
+        elif kind.startswith("float") and field not in numerical:
+            refused.append(f"{field} ({kind}: RecBole embeds a float field only when listed in numerical_features)")
+        else:
+            usable.append(field)
+    others = [f"{f} ({'whole text' if k == 'token_seq' else k})" for f, k in header.items()
+              if f != config["ITEM_ID_FIELD"] and f not in usable and f not in (config["selected_features"] or [])]
+    text_fields = list(config["item_text_fields"] or [])
+    limits = config["item_text_field_words"] or {}
+    text = ", ".join(f"{f} (first {limits[f]} words)" if f in limits else f for f in text_fields) or "none"
+    feature_note = f"item features {', '.join(usable)}" if usable else "no short token field in selected_features"
+    feature_note += "".join(f"; cannot use {r}" for r in refused) + (f"; not used: {', '.join(others)}" if others else "")
+    notes = {
+        "Pop": "item ids only (training counts)", "GRU4Rec": "item ids only", "SASRec": "item ids only",
+        "BERT4Rec": "item ids only", "SASRecF": feature_note, "FDSA": feature_note,
+        "AlignSASRec": f"ids + text: {text}", "AlignSASRec:id_only": "item ids only; SASRec, original all-positions training",
+        "AlignLLMRec": f"frozen AlignSASRec (ids + text) + SmolLM2-135M; {text_fields[0] if text_fields else 'no'} text in the prompt",
+        "AlignGenRec": f"item codes from AlignSASRec + text ({text}); SmolLM2-135M",
+    }
+    blocked = [] if usable else list(FEATURE_MODELS)
+    for run in blocked:
+        notes[run] = f"not run: {feature_note}"
+    if not text_fields:
+        notes["AlignSASRec"] = "ids only here: the dataset has no item text"
+    return notes, blocked
+
+
+def table_name(dataset: str, users: int, ratio: float) -> str:
+    name = f"leaderboard_{dataset}" + (f"-u{users}" if users else "")
+    return name + (f"_new{ratio:g}" if ratio else "")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset", default="amazon-office", choices=DATASETS)
+    parser.add_argument("--users", type=int, default=0, help="random users kept (seed 2020, the same for every run); 0 = all")
+    parser.add_argument("--new-item-ratio", type=float, default=0.0, help="new_item_ratio (0 = protocol off)")
+    parser.add_argument("--seeds", default="2020", help="comma-separated seeds; every model runs once per seed")
+    parser.add_argument("--models", default=",".join(run for run, *_ in STANDARD),
+                        help="comma list of run ids from: " + ", ".join(run for run, *_ in STANDARD))
+    parser.add_argument("--reference", default="SASRec", help="model every other row is tested against")
+    parser.add_argument("--epochs", type=int, default=300, help="epoch cap of every non-LLM row (and of the LLM rows' backbone)")
+    parser.add_argument("--stopping-step", type=int, default=10, help="RecBole's stopping_step (validations without gain)")
+    parser.add_argument("--budget", type=float, default=None,
+                        help="train_time_budget of every row (the LLM rows' backbone and LLM training alike), s (default: none)")
+    parser.add_argument("--llm-epochs", type=int, default=3, help="epochs of AlignLLMRec / AlignGenRec (their YAML default: 3)")
+    parser.add_argument("--llm-layers", type=int, default=None, help="llm_layers of the LLM rows (default: their YAML's)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="config override for every run (YAML value); repeatable")
+    parser.add_argument("--fresh", action="store_true", help="ignore finished runs in an existing results CSV")
+    parser.add_argument("--name", default=None, help="results name (default leaderboard_<dataset>[-u<N>][_new<ratio>])")
+    args = parser.parse_args()
+    known = {run for run, *_ in STANDARD}
+    chosen = [m.strip() for m in args.models.split(",") if m.strip()]
+    if set(chosen) - known:
+        parser.error(f"unknown --models {sorted(set(chosen) - known)}; choose from {sorted(known)}")
+    try:
+        seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    except ValueError:
+        parser.error(f"--seeds takes comma-separated integers, got {args.seeds!r}")
+    overrides: dict[str, Any] = {}
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            parser.error(f"--set takes KEY=VALUE, got {item!r}")
+        overrides[key] = yaml.safe_load(value)
+    sys.argv = sys.argv[:1]  # RecBole's Config reads --key=value from argv: the script's own flags must not reach it
+
+    from subsample import subsample_users
+
+    from recbole_llmalign.quick_start import compare
+
+    data_root = Path("dataset")
+    source = source_folder(args.dataset, data_root)
+    name = subsample_users(source, args.dataset, args.users, 2020, data_root) if args.users else args.dataset
+    config_files = [str(PLUGIN_DATASET_YAML / f"{args.dataset}.yaml")] if args.users else None
+    table = args.name or table_name(args.dataset, args.users, args.new_item_ratio)
+    data_config = {"data_path": str(data_root)} if args.users or args.dataset != "ml-100k" else {}  # ml-100k: RecBole's copy
+    notes, blocked = field_use(name, config_files, data_config)
+    shared = {**data_config, "epochs": args.epochs, "stopping_step": args.stopping_step, "eval_step": 1,
+              "show_progress": False, "valid_metric": "NDCG@10", "metrics": ["Recall", "NDCG", "Hit"], "topk": [5, 10],
+              "eval_args": {"split": {"LS": "valid_and_test"}, "order": "TO", "group_by": "user", "mode": "full"},
+              "cold_item_threshold": 5, "train_time_budget": args.budget, "new_item_ratio": args.new_item_ratio or None,
+              **overrides}
+    llm = {"epochs": args.llm_epochs, "eval_step": args.llm_epochs, "backbone_epochs": args.epochs,
+           **({"llm_layers": args.llm_layers} if args.llm_layers else {})}
+    runs = [(model, setting, {**extra, **(llm if model in LLM_MODELS else {})})
+            for run, model, setting, extra in STANDARD if run in chosen and run not in blocked]
+    threads = os.environ.get("OMP_NUM_THREADS", "2")
+    ratio = args.new_item_ratio
+    preface = (
+        f"Dataset {name}" + (f" ({args.users} random users of {args.dataset}, all their interactions)" if args.users else "")
+        + f"; time-ordered leave-one-out, full ranking; seeds {', '.join(map(str, seeds))} (mean ± sample std over seeds). "
+        f"Non-LLM rows (and the LLM rows' AlignSASRec backbone): up to {args.epochs} epochs, early stopping after "
+        f"{args.stopping_step} validations without a better valid NDCG@10. LLM rows: {args.llm_epochs} epochs, validated "
+        f"after the last. train_time_budget of every run: {f'{args.budget:.0f} s' if args.budget else 'none'}. Cold slice: "
+        f"test item with <= 5 training interactions. " + (
+            f"New-item protocol on: {ratio:g} of the items (drawn per seed) lose every training interaction, as target "
+            "and as input (training histories rebuilt without them); they stay valid/test targets and may appear in "
+            "valid/test histories; `new` = users whose test item is new. " if ratio else "New-item protocol off. ")
+        + f"Model defaults otherwise (RecBole's and the plugin's YAML); one process per run, {threads} CPU threads"
+        + (f"; every run with {', '.join(f'{k}={v}' for k, v in overrides.items())}" if overrides else "") + ".\n\n"
+        + "".join(f"{run}: {notes[run]}.\n\n" for run in chosen if run in blocked))
+    compare(runs, name, config_files, config_dict=shared, output_dir=RESULTS, name=table, seeds=seeds, reference=args.reference,
+            per_user_dir=Path("saved") / "leaderboard" / table, resume=not args.fresh, keep_going=True,
+            table={"preface": preface, "metrics": ["ndcg@10", "recall@10", "hit@5"],
+                   "slice_metrics": ["ndcg@10", "recall@10", "hit@5"],
+                   "notes": {(model, setting): notes[run] for run, model, setting, _ in STANDARD}})
+    print((RESULTS / f"{table}.md").read_text())
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("OMP_NUM_THREADS", "2")
+    main()

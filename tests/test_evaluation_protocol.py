@@ -1,0 +1,332 @@
+"""Evaluation you can trust: item-text truncation, the amazon-office dataset, the new-item protocol,
+why training stopped, per-user metrics, and seeds with aggregates and a paired bootstrap."""
+
+from __future__ import annotations
+
+import csv
+import math
+import pickle
+import statistics
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import recbole_llmalign  # noqa: F401
+from recbole_llmalign import report
+from recbole_llmalign.config import Config
+from recbole_llmalign.data import choose_new_items, data_preparation, item_texts, prepare_dataset
+from recbole_llmalign.data.atomic import verify_dataset_dir
+from recbole_llmalign.quick_start import compare, run_with_cost
+from tests.conftest import SHARED_DATA, cyclic_config, write_atomic
+
+
+def _load(model: str, name: str, config_dict: dict, plugin_split: bool = True):
+    from recbole.data import create_dataset
+    from recbole.data import data_preparation as recbole_data_preparation
+
+    config = Config(model=model, dataset=name, config_dict=config_dict)
+    prepare_dataset(config)
+    dataset = create_dataset(config)
+    split = (data_preparation if plugin_split else recbole_data_preparation)(config, dataset)
+    return config, dataset, split
+
+
+# ---- item text truncation ----
+
+def test_item_text_field_words_cuts_only_the_named_field(tmp_path):
+    write_atomic(tmp_path / "d" / "texty" / "texty.inter", ["user_id:token", "item_id:token", "timestamp:float"],
+                 [[f"u{u}", f"i{(u + i) % 6}", i] for u in range(6) for i in range(3)])
+    write_atomic(tmp_path / "d" / "texty" / "texty.item", ["item_id:token", "title:token_seq", "description:token_seq"],
+                 [[f"i{i}", f"Long title number {i} with many words", f"one two three four five six item{i}"] for i in range(6)])
+    base = cyclic_config(str(tmp_path / "d"))
+    _, dataset, _ = _load("Pop", "texty", dict(base, item_text_field_words={"description": 3}))
+    texts = item_texts(dataset, ["title", "description"])
+    assert texts[dataset.token2id("item_id", "i1")] == "Long title number 1 with many words; description: one two three"
+    _, whole, _ = _load("Pop", "texty", base)
+    assert item_texts(whole, ["title", "description"])[whole.token2id("item_id", "i1")].endswith("four five six item1")
+    _, bad, _ = _load("Pop", "texty", dict(base, item_text_field_words={"description": 0}))
+    with pytest.raises(ValueError, match="item_text_field_words"):
+        item_texts(bad, ["title", "description"])
+
+
+# ---- amazon-office ----
+
+def test_amazon_office_is_found_like_amazon_games_with_its_item_text(tmp_path):
+    if not (SHARED_DATA / "amazon-office" / "amazon-office.inter").is_file():
+        pytest.skip(f"shared amazon-office data not found under {SHARED_DATA}")
+    from recbole.data import create_dataset
+    from recbole.utils import FeatureType
+
+    config = Config(model="SASRecF", dataset="amazon-office", config_dict={"data_path": str(tmp_path), "state": "ERROR"})
+    prepare_dataset(config)  # converted once from the shared copy, quoted so RecBole's reader parses every field
+    assert verify_dataset_dir(tmp_path / "amazon-office") and Path(config["data_path"]) == tmp_path / "amazon-office"
+    dataset = create_dataset(config)
+    assert (dataset.user_num - 1, dataset.item_num - 1, dataset.inter_num) == (4_905, 2_420, 53_258)
+    assert config["selected_features"] == ["brand", "categories"]
+    assert all(dataset.field2type[f] == FeatureType.TOKEN_SEQ for f in config["selected_features"])
+    texts = item_texts(dataset, config["item_text_fields"])
+    first = texts[dataset.token2id("item_id", "1")]
+    assert first.startswith("Northwestern Bell Big-Button Corded Phone") and "; brand: Northwestern Bell; categories: Office" in first
+    with open(SHARED_DATA / "amazon-office" / "amazon-office.item", encoding="utf-8") as handle:
+        raw = {row[0]: row[4] for row in csv.reader(handle, delimiter="\t", quoting=csv.QUOTE_NONE)}
+    longest = max(raw, key=lambda item: len(raw[item].split()))  # 3,538 words in the source
+    assert texts[dataset.token2id("item_id", longest)].endswith("; description: " + " ".join(raw[longest].split()[:50]))
+    assert all(texts[1:])
+    opening_quote = texts[dataset.token2id("item_id", "2234")]  # the field RecBole's reader chokes on in the raw file
+    assert opening_quote.endswith('description: "TWIN DRAFT GUARD" EXTREME DOOR GUARD As Seen On TV item. Blocks drafts '
+                                  'for extra large doors. 2" diameter tube blocks extra large gaps. Fits doors up to 36" wide.')
+
+
+# ---- new-item protocol ----
+
+def _physically_filtered_copy(data_path: str, name: str, new_tokens: set[str], target: Path) -> None:
+    """The fixture with every interaction with a new item removed except each user's last two (valid, test)."""
+    with open(Path(data_path) / name / f"{name}.inter", encoding="utf-8") as handle:
+        header, *lines = handle.read().splitlines()
+    by_user: dict[str, list[list[str]]] = {}
+    for line in lines:
+        row = line.split("\t")
+        by_user.setdefault(row[0], []).append(row)
+    kept = []
+    for rows in by_user.values():
+        rows.sort(key=lambda r: float(r[2]))
+        kept += [r for r in rows[:-2] if r[1] not in new_tokens] + rows[-2:]
+    write_atomic(target / "filtered" / "filtered.inter", header.split("\t"), kept)
+
+
+def _training_samples(train_dataset) -> list[tuple[str, tuple[str, ...], str]]:
+    """Every training (user, history, target) in external ids; history empty for non-sequential splits."""
+    inter = train_dataset.inter_feat
+    users = train_dataset.field2id_token["user_id"][inter["user_id"].numpy()]
+    items = train_dataset.field2id_token["item_id"]
+    targets = items[inter["item_id"].numpy()]
+    if "item_id_list" not in inter.columns:
+        return sorted((u, (), t) for u, t in zip(users, targets))
+    histories = inter["item_id_list"].numpy()
+    lengths = inter["item_length"].numpy()
+    return sorted((u, tuple(items[h[:n]]), t) for u, h, n, t in zip(users, histories, lengths, targets))
+
+
+@pytest.mark.parametrize("model", ["SASRec", "Pop"])
+def test_new_items_are_removed_from_training_exactly_and_stay_test_targets(cyclic_dataset, tmp_path, model):
+    data_path, name = cyclic_dataset
+    config, dataset, (train, valid, test) = _load(model, name, cyclic_config(data_path, new_item_ratio=0.2))
+    new = dataset.new_item_ids
+    assert len(new) == 6 and train._dataset.new_item_ids is new  # 20% of 30 items, carried by every split
+    for split in (train, valid, test):  # checkpoints of feature models pickle the dataset: nothing unpicklable is left on it
+        pickle.dumps(split._dataset)
+    inter = train._dataset.inter_feat
+    assert not np.isin(inter["item_id"].numpy(), new).any()  # never a training target
+    if model == "SASRec":
+        histories, lengths = inter["item_id_list"].numpy(), inter["item_length"].numpy()
+        assert not np.isin(histories, new).any()  # never a training input
+        assert ((histories > 0).sum(axis=1) == lengths).all()  # lengths count the kept items
+    test_targets = test._dataset.inter_feat["item_id"].numpy()
+    assert np.isin(test_targets, new).sum() == 24  # each item is the test item of 4 of the 120 users
+    if model == "SASRec":  # valid/test histories keep them
+        assert np.isin(test._dataset.inter_feat["item_id_list"].numpy(), new).any()
+    # Exactly the training split of the same data with those interactions deleted, read by plain RecBole.
+    new_tokens = set(dataset.field2id_token["item_id"][new])
+    _physically_filtered_copy(data_path, name, new_tokens, tmp_path / "f")
+    _, _, (plain_train, _, _) = _load(model, "filtered", cyclic_config(str(tmp_path / "f")), plugin_split=False)
+    assert _training_samples(train._dataset) == _training_samples(plain_train._dataset)
+    # The same new items for every model type and the same seed; another seed draws another set.
+    _, other_type, _ = _load("Pop" if model == "SASRec" else "SASRec", name, cyclic_config(data_path, new_item_ratio=0.2))
+    assert set(other_type.field2id_token["item_id"][other_type.new_item_ids]) == new_tokens
+    assert set(dataset.field2id_token["item_id"][choose_new_items(dataset, 0.2, 2021)]) != new_tokens
+
+
+def test_id_only_model_scores_new_items_at_chance_and_per_user_metrics_add_up(cyclic_dataset):
+    """SASRec learns next = current + 1 for items it trained on, and can do no better than chance
+    on items it never saw: their embeddings carry no signal."""
+    data_path, name = cyclic_dataset
+    result, cost = run_with_cost("SASRec", name, config_dict=cyclic_config(data_path, epochs=20, new_item_ratio=0.2))
+    new = result["test_new_result"]
+    assert new["n_users"] == 24
+    # NDCG@5 of a uniformly random ranking of the 30 items, and its standard error over 24 users
+    gains = [1 / math.log2(rank + 1) for rank in range(1, 6)]
+    chance = sum(gains) / 30
+    spread = math.sqrt(sum(g * g for g in gains) / 30 - chance ** 2) / math.sqrt(new["n_users"])
+    assert new["ndcg@5"] <= chance + 3 * spread
+    warm = (result["test_result"]["ndcg@5"] * 120 - new["ndcg@5"] * 24) / 96
+    assert warm > 0.5 > 2 * (chance + 3 * spread)  # the same model ranks the items it trained on well
+    # per-user file: one row per test user, columns averaging to RecBole's metrics, slice flags
+    with open(cost.per_user_file, encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 120 and len({r["user"] for r in rows}) == 120
+    for metric in ("ndcg@5", "hit@5", "recall@5"):
+        assert statistics.mean(float(r[metric]) for r in rows) == pytest.approx(result["test_result"][metric], abs=5e-5)
+    flagged = [r for r in rows if r["test_new"] == "1"]
+    assert len(flagged) == 24
+    assert statistics.mean(float(r["ndcg@5"]) for r in flagged) == pytest.approx(new["ndcg@5"], abs=5e-5)
+    assert cost.stopped_by == "epochs" and cost.seed == 2020
+
+
+@pytest.mark.parametrize("model", ["SASRec", "Pop"])
+def test_slices_averaged_from_per_user_metrics_equal_evaluating_the_slice_again(cyclic_dataset, model):
+    from recbole_llmalign.quick_start import cold_rows, evaluate_rows, new_rows, slice_from_per_user
+    from recbole_llmalign.trainer import with_run_controls
+    from recbole_llmalign.utils import get_model, get_trainer
+
+    data_path, name = cyclic_dataset
+    config, _, (train, valid, test) = _load(model, name, cyclic_config(data_path, epochs=3, new_item_ratio=0.2,
+                                                                      train_neg_sample_args=None, cold_item_threshold=40))
+    trainer = with_run_controls(get_trainer(config["MODEL_TYPE"], config["model"]))(config, get_model(model)(config, train._dataset))
+    trainer.fit(train, valid, saved=False)
+    full = trainer.evaluate(test, load_best_model=False)
+    per_user = trainer.last_per_user
+    assert {k: round(per_user[k].mean(), 4) for k in full} == full
+    for rows in (new_rows(test), cold_rows(config, train, test), np.arange(0, 120, 7)):
+        evaluated = evaluate_rows(config, trainer, test, rows)  # a loader of those rows, scored again
+        assert slice_from_per_user(config, test, rows, per_user) == {k: v for k, v in evaluated.items() if k != "n_users"}
+        assert evaluate_rows(config, trainer, test, rows, per_user) == evaluated and evaluated["n_users"] == len(rows)
+
+
+# ---- why training stopped ----
+
+def test_stopped_by_names_early_stopping_the_budget_and_the_last_epoch(cyclic_dataset, monkeypatch):
+    from recbole.trainer import Trainer
+
+    data_path, name = cyclic_dataset
+    _, by_epochs = run_with_cost("GRU4Rec", name, config_dict=cyclic_config(data_path, epochs=2))
+    _, by_budget = run_with_cost("GRU4Rec", name, config_dict=cyclic_config(data_path, epochs=50, train_time_budget=1e-9))
+    calls = []
+
+    def worse_every_time(self, valid_data, show_progress=False):  # RecBole's real early-stopping loop sees only losses
+        calls.append(1)
+        score = 1.0 / len(calls)
+        return score, {"ndcg@5": score}
+
+    monkeypatch.setattr(Trainer, "_valid_epoch", worse_every_time)
+    _, by_stopping = run_with_cost("GRU4Rec", name, config_dict=cyclic_config(data_path, epochs=50, stopping_step=1))
+    assert (by_epochs.stopped_by, by_epochs.epochs) == ("epochs", 2)
+    assert (by_budget.stopped_by, by_budget.epochs, by_budget.train_time_budget) == ("budget", 1, 1e-9)
+    assert (by_stopping.stopped_by, by_stopping.epochs) == ("early_stop", 3)  # best, then 2 validations without gain
+    rows = report.long_rows({"model": "GRU4Rec", "result": {}, "cost": {"stopped_by": "budget"}}, name)
+    assert {r[4]: r[5] for r in rows} == {"stopped_by_early_stop": 0.0, "stopped_by_budget": 1.0, "stopped_by_epochs": 0.0}
+
+
+# ---- seeds: aggregates and the paired bootstrap ----
+
+def _record(model: str, setting: str, seed: int, ndcg: float, epochs: int, stopped: str = "early_stop") -> dict:
+    return {"model": model, "setting": setting, "seed": seed,
+            "result": {"test_result": {"ndcg@10": ndcg}, "test_new_result": {"ndcg@10": ndcg / 2, "n_users": 3.0}},
+            "cost": {"sec_per_epoch": 2.0, "epochs": epochs, "best_epoch": epochs, "train_sec": 2.0 * epochs,
+                     "time_to_best_sec": 1.0, "peak_mem_mb": 100.0, "eval_sec": 0.5, "seed": seed,
+                     "stopped_by": stopped, "train_time_budget": 0.0, "extra": {}}}
+
+
+def test_aggregate_rows_match_a_hand_computation(tmp_path):
+    values = {2020: 0.30, 2021: 0.36, 2022: 0.27}
+    records = [_record("SASRec", "default", s, v, 10 + i) for i, (s, v) in enumerate(values.items())]
+    records += [_record("AlignSASRec", "id_only", s, v + 0.05, 5, "budget" if s == 2022 else "early_stop") for s, v in values.items()]
+    rows = [row for r in records for row in report.long_rows(r, "toy")]
+    assert {row[2] for row in rows} == {f"{s}/seed_{n}" for s in ("default", "id_only") for n in values}
+    aggregates = {(r[1], r[2], r[3], r[4]): r[5] for r in report.aggregate_rows(rows)}
+    assert aggregates[("SASRec", "mean", "test", "ndcg@10")] == pytest.approx(statistics.mean(values.values()))
+    assert aggregates[("SASRec", "std", "test", "ndcg@10")] == pytest.approx(statistics.stdev(values.values()))
+    assert aggregates[("SASRec", "mean", "train", "epochs")] == pytest.approx(11.0)
+    assert aggregates[("SASRec", "mean", "test_new", "ndcg@10")] == pytest.approx(statistics.mean(values.values()) / 2)
+    assert aggregates[("AlignSASRec", "id_only/mean", "test", "ndcg@10")] == pytest.approx(statistics.mean(values.values()) + 0.05)
+    assert aggregates[("AlignSASRec", "id_only/mean", "train", "stopped_by_budget")] == pytest.approx(1 / 3)
+    assert ("SASRec", "mean", "train", "seed") not in aggregates
+    report.write_comparison(records, "toy", tmp_path, "agg")
+    header, *written = (tmp_path / "agg.csv").read_text().splitlines()
+    assert header == "dataset,model,setting,split,metric,value"
+    assert "toy,SASRec,std,test,ndcg@10,0.0458258" in written
+    _, rebuilt = report.records_from_csv(tmp_path / "agg.csv")  # runs back, aggregates recomputed not read
+    assert [(r["model"], r["setting"], r["seed"], r["cost"]["stopped_by"]) for r in rebuilt] == \
+        [(r["model"], r["setting"], r["seed"], r["cost"]["stopped_by"]) for r in records]
+    table = (tmp_path / "agg.md").read_text()
+    assert "| SASRec | default | 3 | 0.3100 ± 0.0458 |" in table
+    assert "early_stop x2, budget (0 s) x1" in table
+
+
+def test_paired_bootstrap_matches_a_hand_computation():
+    users = np.array(["c", "a", "b", "d", "a", "b", "c", "e"])  # two seeds; "d" and "e" scored in one only
+    differences = np.array([0.5, 1.0, -0.2, 0.0, 0.6, 0.2, 0.1, 1.5])
+    mean, low, high, n = report.paired_bootstrap(users, differences, n_boot=500, seed=7)
+    # by hand: users sorted a..e, each with the sum and count of their differences over seeds
+    sums = {"a": 1.6, "b": 0.0, "c": 0.6, "d": 0.0, "e": 1.5}
+    counts = {"a": 2, "b": 2, "c": 2, "d": 1, "e": 1}
+    keys = sorted(sums)
+    rng = np.random.default_rng(7)
+    estimates = []
+    for _ in range(500):
+        drawn = [keys[i] for i in rng.integers(0, 5, size=5)]
+        estimates.append(sum(sums[u] for u in drawn) / sum(counts[u] for u in drawn))
+    assert n == 5 and mean == pytest.approx(sum(differences) / len(differences))
+    assert (low, high) == pytest.approx(tuple(np.quantile(estimates, [0.025, 0.975])))
+    same, *interval, _ = report.paired_bootstrap(np.arange(50), np.full(50, 0.25))
+    assert same == pytest.approx(0.25) and interval == pytest.approx([0.25, 0.25])
+    noisy = np.random.default_rng(0).normal(0.1, 1.0, 4000)  # interval ~ mean +- 1.96 sd / sqrt(n)
+    mean, low, high, _ = report.paired_bootstrap(np.arange(4000), noisy)
+    assert (high - low) == pytest.approx(2 * 1.96 / math.sqrt(4000), rel=0.1) and low < mean < high
+
+
+def test_significance_rows_pair_users_per_seed_and_restrict_slices(tmp_path):
+    per_user = tmp_path / "per_user"
+    scores = {  # (model, seed) -> {user: (ndcg@10, test_new flag)}
+        ("SASRec", 1): {"u1": (0.5, 0), "u2": (0.0, 1), "u3": (1.0, 1)},
+        ("SASRecF", 1): {"u1": (0.6, 0), "u2": (0.3, 1), "u3": (1.0, 1), "u9": (1.0, 0)},  # u9: not paired
+        ("SASRec", 2): {"u1": (0.4, 1), "u2": (0.2, 0), "u3": (0.8, 0)},
+        ("SASRecF", 2): {"u1": (0.4, 1), "u2": (0.5, 0), "u3": (0.9, 0)},
+    }
+    for (model, seed), table in scores.items():
+        per_user.mkdir(exist_ok=True)
+        lines = ["user,ndcg@10,test_cold,test_new"] + [f"{u},{v},0,{flag}" for u, (v, flag) in table.items()]
+        report.per_user_path(per_user, model, "default", seed).write_text("\n".join(lines) + "\n")
+    records = [_record(m, "default", s, 0.0, 1) for m, s in scores]
+    rows = report.significance_rows(records, "toy", "SASRec", per_user, n_boot=300)
+    found = {(r[1], r[2], r[3], r[4]): r[5] for r in rows}
+    test_users = ["u1", "u2", "u3", "u1", "u2", "u3"]
+    test_diffs = [0.1, 0.3, 0.0, 0.0, 0.3, 0.1]
+    expected = report.paired_bootstrap(np.array(test_users), np.array(test_diffs), n_boot=300)
+    assert [found[("SASRecF", "mean", "test", f"ndcg@10{s}")] for s in report.DIFF_SUFFIXES] == pytest.approx(expected[:3])
+    new = report.paired_bootstrap(np.array(["u2", "u3", "u1"]), np.array([0.3, 0.0, 0.0]), n_boot=300)
+    assert found[("SASRecF", "mean", "test_new", "ndcg@10_diff")] == pytest.approx(new[0])
+    assert ("SASRecF", "mean", "test_cold", "ndcg@10_diff") not in found  # nobody in that slice
+    assert not any(key[0] == "SASRec" for key in found)  # the reference is not tested against itself
+
+
+def test_compare_runs_every_seed_writes_aggregates_and_bootstrap_and_resumes(cyclic_dataset, tmp_path):
+    data_path, name = cyclic_dataset
+    config = cyclic_config(data_path, new_item_ratio=0.2, train_neg_sample_args=None)
+    out, per_user = tmp_path / "out", tmp_path / "per_user"
+    records = compare(["Pop", "GRU4Rec"], name, config_dict=config, output_dir=out, name="seeded", seeds=[2020, 2021],
+                      reference="Pop", per_user_dir=per_user)
+    assert [(r["model"], r["seed"]) for r in records] == [("Pop", 2020), ("GRU4Rec", 2020), ("Pop", 2021), ("GRU4Rec", 2021)]
+    assert {p.name for p in per_user.iterdir()} == {f"{m}__default__seed{s}.csv" for m in ("Pop", "GRU4Rec") for s in (2020, 2021)}
+    with open(out / "seeded.csv", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    settings = {(r["model"], r["setting"]) for r in rows}
+    assert settings == {(m, s) for m in ("Pop", "GRU4Rec") for s in ("default/seed_2020", "default/seed_2021", "mean", "std")}
+    value = {(r["model"], r["setting"], r["split"], r["metric"]): float(r["value"]) for r in rows}
+    per_seed = [value[("GRU4Rec", f"default/seed_{s}", "test", "ndcg@5")] for s in (2020, 2021)]
+    assert value[("GRU4Rec", "mean", "test", "ndcg@5")] == pytest.approx(statistics.mean(per_seed), abs=1e-5)
+    assert value[("GRU4Rec", "default/seed_2021", "test_new", "n_users")] == 24
+    low, high = value[("GRU4Rec", "mean", "test", "ndcg@5_diff_lo")], value[("GRU4Rec", "mean", "test", "ndcg@5_diff_hi")]
+    assert low <= value[("GRU4Rec", "mean", "test", "ndcg@5_diff")] <= high
+    assert ("Pop", "mean", "test", "ndcg@5_diff") not in value
+    first = (out / "seeded.csv").read_text()
+    again = compare(["Pop", "GRU4Rec"], name, config_dict=config, output_dir=out, name="seeded", seeds=[2020, 2021],
+                    reference="Pop", per_user_dir=per_user, resume=True)  # nothing left to run
+    assert (out / "seeded.csv").read_text() == first and len(again) == 4
+    assert "| GRU4Rec | default | 2 |" in (out / "seeded.md").read_text()
+
+
+def test_cli_passes_seeds_and_reference_to_compare(monkeypatch):
+    from recbole_llmalign import cli, quick_start
+
+    seen = {}
+    monkeypatch.setattr(quick_start, "compare", lambda models, dataset, files, **kwargs: seen.update(models=models, **kwargs))
+    argv = ["--compare=Pop,SASRec", "--dataset=ml-100k", "--seeds=2020,2021,2022", "--reference=SASRec"]
+    monkeypatch.setattr(sys, "argv", ["run_recbole_llmalign.py", *argv])
+    assert cli.main(argv) == 0
+    assert seen["models"] == ["Pop", "SASRec"] and seen["seeds"] == [2020, 2021, 2022] and seen["reference"] == "SASRec"
+    with pytest.raises(ValueError, match="comma-separated integers"):
+        cli.parse_seeds("2020,x", [])
+    with pytest.raises(ValueError, match="--seed would override"):
+        cli.parse_seeds("2020,2021", ["--seed=1"])
