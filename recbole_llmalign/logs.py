@@ -61,6 +61,9 @@ THIRD_PARTY_WARNINGS: tuple[WarningRule, ...] = (
                 "peft reads the old attribute name when it wraps a transformers 5 model for LoRA."),
     WarningRule(UserWarning, r"ray\.", r"pkg_resources is deprecated",
                 "ray 2.6.3 imports setuptools' pkg_resources; the `ray` extra pins setuptools<81, where it still exists."),
+    WarningRule(SyntaxWarning, r"(<unknown>$|.*[/\\]recbole[/\\])", r"invalid escape sequence",  # a compile warning names a path
+                "Python 3.12+ warns while compiling RecBole 1.2.1's sources, whose docstrings hold LaTeX such as "
+                "\\prime (dien.py), the first time they are imported without a bytecode cache."),
 )
 
 # transformers loggers that write the LOAD REPORT table after from_pretrained.
