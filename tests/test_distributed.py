@@ -38,5 +38,7 @@ def test_alignllmrec_trains_and_evaluates_on_two_cpu_ranks(trained_backbone, tin
     config = cyclic_config(data_path, item_text_fields=["title", "genre"], backbone_checkpoint=checkpoint,
                            llm_path=str(tiny_llama_dir), llm_layers=2, train_batch_size=32, epochs=2)
     result, cost = run_distributed("AlignLLMRec", name, None, config, nproc=2, port=_free_port())
-    assert cost["epochs"] == 2 and 0 <= result["test_result"]["ndcg@5"] <= 1
+    assert cost["epochs"] == 2
+    # starting from the backbone's ranking (zero head) and validated before training, it ends no worse than the backbone
+    assert result["test_result"]["ndcg@5"] >= result["backbone_test_result"]["ndcg@5"] - 0.02
     assert len(list(Path("saved").glob("AlignLLMRec-*.pth"))) == 1

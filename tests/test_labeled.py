@@ -71,7 +71,7 @@ def test_alignllmrec_labeled_task_learns_the_label_and_reports_auc_and_uauc(labe
     result, _ = run_with_cost("AlignLLMRecCTR", name, config_dict=config)
     assert set(result["test_result"]) >= {"auc", "uauc"}
     assert result["test_result"]["auc"] > 0.9  # chance is 0.5
-    assert 0 <= result["test_result"]["uauc"] <= 1
+    assert result["test_result"]["uauc"] > 0.8  # per-user ranking of the pairs, chance 0.5
     # every item has ~45 training interactions: no cold candidate, so the warm slice is the whole test set
     assert "test_cold_result" not in result
     assert result["test_warm_result"]["auc"] == pytest.approx(result["test_result"]["auc"])

@@ -66,6 +66,39 @@ class InstructionPrefix(nn.Module):
                 for i in range(self.keys.size(0))]
 
 
+class PromptPoolingReader(nn.Module):
+    """The LLM ablation (``prompt_reader: mlp``): an MLP reads the same prompt embeddings instead of the LLM.
+
+    Input per user: the user soft token, the mean of the history ID tokens, the mean of the
+    history semantic tokens and the mean of the remaining (text) token embeddings, concatenated
+    [B, 4 D]; output [B, D], the place of the LLM's last hidden state, so the ranking head and
+    losses are unchanged. What it cannot do is what the LLM is claimed to add: read order, words
+    in context and the pretrained knowledge behind them. ``width`` is chosen by the model so the
+    trainable size matches the LLM-only trainables it replaces (prefixes, LoRA).
+    """
+
+    def __init__(self, dim: int, width: int, dropout: float = 0.1) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(4 * dim, width), nn.GELU(), nn.Dropout(dropout), nn.Linear(width, dim))
+
+    @staticmethod
+    def width_for(dim: int, parameters: int) -> int:
+        """Hidden width whose two layers hold about ``parameters`` weights (at least 64)."""
+        return max(64, round((parameters - dim) / (5 * dim + 1)))
+
+    def forward(self, embeds: torch.Tensor, token_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        real = mask.bool()
+
+        def mean_of(where: torch.Tensor) -> torch.Tensor:
+            weights = (where & real).unsqueeze(-1).to(embeds.dtype)
+            return (embeds * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+
+        soft = (token_ids == USER_SLOT) | (token_ids == HISTORY_SLOT) | (token_ids == SEMANTIC_SLOT)
+        pooled = [mean_of(token_ids == USER_SLOT), mean_of(token_ids == HISTORY_SLOT),
+                  mean_of(token_ids == SEMANTIC_SLOT), mean_of(~soft)]
+        return self.net(torch.cat(pooled, dim=-1))
+
+
 @dataclass
 class AssembledPrompts:
     """Left-padded token ids with placeholders, the item id behind each item placeholder, and the mask."""

@@ -28,9 +28,12 @@ from recbole_llmalign.llm.soft_prompt import (
     InstructionPrefix,
     LayerPrefixEncoder,
     PromptBuilder,
+    PromptPoolingReader,
 )
 from recbole_llmalign.model.abstract_recommender import FrozenBackboneLLMRecommender
 from recbole_llmalign.model.layers import info_nce
+
+PROMPT_READERS = ("llm", "mlp")  # what reads the prompt: the LLM, or the no_llm ablation's MLP
 
 
 class ItemSide:
@@ -77,6 +80,19 @@ class AlignLLMRec(FrozenBackboneLLMRecommender):
         if self.use_instruction_prefix:
             self.instruction_prefix = InstructionPrefix(self.llm_num_layers, kv_heads, head_dim,
                                                         int(config["instruction_prefix_length"]))
+        self.prompt_reader = str(config["prompt_reader"])
+        if self.prompt_reader not in PROMPT_READERS:
+            raise ValueError(f"prompt_reader must be one of {PROMPT_READERS}, got '{self.prompt_reader}'.")
+        if self.prompt_reader == "mlp":  # the LLM ablation: same inputs and head, the LLM-only trainables traded for an MLP
+            replaced = sum(p.numel() for name, p in self.named_parameters()
+                           if p.requires_grad and name.split(".")[0] in ("layer_prefix", "instruction_prefix", "llm"))
+            self.pooling_reader = PromptPoolingReader(self.llm_hidden_size,
+                                                      PromptPoolingReader.width_for(self.llm_hidden_size, replaced))
+            self.use_layer_prefix = self.use_instruction_prefix = False  # they only act inside the LLM's attention
+            for name in ("layer_prefix", "instruction_prefix"):
+                if hasattr(self, name):
+                    delattr(self, name)
+            self.llm.requires_grad_(False)  # LoRA adapters too: nothing runs the LLM
         self.prompts = PromptBuilder(self.tokenizer, config["prompt_template"], self.titles, mode=config["prompt_mode"],
                                      history_items=int(config["prompt_history_items"]),
                                      title_max_tokens=int(config["title_max_tokens"]))
@@ -145,6 +161,13 @@ class AlignLLMRec(FrozenBackboneLLMRecommender):
                           candidates: torch.Tensor | None = None,
                           history_labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(input embeddings [B, T, D] with the soft tokens placed, attention mask [B, T])."""
+        embeds, mask, _ = self.prompt_parts(item_seq, item_seq_len, user, candidates, history_labels)
+        return embeds, mask
+
+    def prompt_parts(self, item_seq: torch.Tensor, item_seq_len: torch.Tensor, user: torch.Tensor,
+                     candidates: torch.Tensor | None = None,
+                     history_labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(input embeddings [B, T, D], attention mask [B, T], token ids with the soft-token placeholders [B, T])."""
         side = self.item_side()
         prompts = self.prompts.assemble(item_seq.cpu(), item_seq_len.cpu(), None if candidates is None else candidates.cpu(),
                                         None if history_labels is None else history_labels.cpu())
@@ -155,13 +178,15 @@ class AlignLLMRec(FrozenBackboneLLMRecommender):
         embeds = torch.where((token_ids == HISTORY_SLOT).unsqueeze(-1), self.history_projector(side.ids[slot_items]), embeds)
         embeds = torch.where((token_ids == SEMANTIC_SLOT).unsqueeze(-1),
                              self.semantic_projector(side.fused_text[slot_items]), embeds)
-        return embeds, prompts.attention_mask.to(item_seq.device)
+        return embeds, prompts.attention_mask.to(item_seq.device), token_ids
 
     def llm_states(self, item_seq: torch.Tensor, item_seq_len: torch.Tensor, candidates: torch.Tensor | None = None,
                    history_labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(last hidden state of the prompt [B, D_llm], backbone user vector [B, C]); no vocabulary head."""
         user = self.user_vectors(item_seq, item_seq_len)
-        embeds, mask = self.prompt_embeddings(item_seq, item_seq_len, user, candidates, history_labels)
+        embeds, mask, token_ids = self.prompt_parts(item_seq, item_seq_len, user, candidates, history_labels)
+        if self.prompt_reader == "mlp":
+            return self.pooling_reader(embeds, token_ids, mask), user
         cache, prefix_length = self.prefix_cache(user)
         full_mask = torch.cat([mask.new_ones(mask.size(0), prefix_length), mask], dim=1)
         output = self.decoder(inputs_embeds=embeds, attention_mask=full_mask, position_ids=self.positions(mask, prefix_length),
