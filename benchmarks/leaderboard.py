@@ -4,7 +4,9 @@ Rows (model, setting): Pop, GRU4Rec, SASRec, BERT4Rec (RecBole, item ids only), 
 (RecBole, item features = the dataset YAML's ``selected_features``, its short token fields),
 AlignSASRec ``default`` (ids + item text) and ``id_only`` (plain SASRec items, no alignment loss,
 all-positions training: "SASRec, original all-positions training"), AlignLLMRec and AlignGenRec (a
-frozen AlignSASRec backbone trained first with the same settings, then SmolLM2-135M).
+frozen AlignSASRec backbone trained first with the same settings, then SmolLM2-135M), and AlignLLMRec
+``no_llm`` (its LLM ablation: the same samples, prompt embeddings and head, an MLP instead of the
+LLM). LLM rows also report their own (holdout) backbone's test metrics on the same users.
 
 Every row trains to early stopping (``stopping_step`` on valid NDCG@10) unless the wall-clock
 budget binds, which is the same for every non-LLM row; each row says which (``stopped_by``) and
@@ -52,6 +54,7 @@ STANDARD = [
     ("AlignSASRec", "AlignSASRec", "default", {}),
     ("AlignSASRec:id_only", "AlignSASRec", "id_only", ID_ONLY),
     ("AlignLLMRec", "AlignLLMRec", "default", {}),
+    ("AlignLLMRec:no_llm", "AlignLLMRec", "no_llm", {"prompt_reader": "mlp"}),  # the LLM ablation (same samples and head)
     ("AlignGenRec", "AlignGenRec", "default", {}),
 ]
 FEATURE_MODELS = ("SASRecF", "FDSA")
@@ -107,6 +110,8 @@ def field_use(name: str, config_files: list[str] | None, data_config: dict[str, 
         "BERT4Rec": "item ids only", "SASRecF": feature_note, "FDSA": feature_note,
         "AlignSASRec": f"ids + text: {text}", "AlignSASRec:id_only": "item ids only; SASRec, original all-positions training",
         "AlignLLMRec": f"frozen AlignSASRec (ids + text) + SmolLM2-135M; {text_fields[0] if text_fields else 'no'} text in the prompt",
+        "AlignLLMRec:no_llm": "the LLM ablation: the same samples, prompt embeddings and head, read by an MLP of the prefixes' "
+                              "trainable size instead of the LLM",
         "AlignGenRec": f"item codes from AlignSASRec + text ({text}); SmolLM2-135M",
     }
     blocked = [] if usable else list(FEATURE_MODELS)

@@ -1,7 +1,8 @@
 """Comparison output: a long-form CSV, a Markdown table and a bar chart from the same records.
 
 CSV header: ``dataset,model,setting,split,metric,value``. ``split`` is ``valid``/``test`` (and
-``test_cold`` / ``test_new`` for the cold-item and new-item slices) for quality metrics, ``train``
+``test_cold`` / ``test_new`` for the cold-item and new-item slices, ``test_backbone`` for the own frozen
+backbone of an LLM model on the same test users) for quality metrics, ``train``
 for training cost (``sec_per_epoch``, ``epochs``, ``train_sec``, ``peak_mem_mb``,
 ``train_time_budget`` (0 = none), ``seed``) and ``test`` for ``eval_sec`` (one full-ranking pass
 over the test users). Metric names are RecBole's.
@@ -39,7 +40,8 @@ COST_ROWS = (("train", "sec_per_epoch"), ("train", "epochs"), ("train", "best_ep
 INTEGER_COSTS = ("epochs", "best_epoch", "seed")
 STOP_REASONS = ("early_stop", "budget", "epochs")  # RecBole's stopping_step, train_time_budget, the last epoch
 RESULT_SPLITS = (("valid", "best_valid_result"), ("test", "test_result"), ("test_cold", "test_cold_result"),
-                 ("test_new", "test_new_result"), ("test_warm", "test_warm_result"))
+                 ("test_new", "test_new_result"), ("test_warm", "test_warm_result"),
+                 ("test_backbone", "backbone_test_result"))  # a frozen-backbone model's own backbone, same test users
 AGGREGATES = ("mean", "std")
 DIFF_SUFFIXES = ("_diff", "_diff_lo", "_diff_hi")
 SIGNIFICANCE_SPLITS = ("test", "test_cold", "test_new")
@@ -131,6 +133,13 @@ def _slice_columns(records: list[dict[str, Any]], metrics: list[str]) -> list[tu
             if any(r["result"].get(key) for r in records)]
 
 
+def backbone_cell(value: float | None, backbone: float | None) -> str:
+    """The own backbone's test value and the model's ratio to it ("-" for models without one)."""
+    if value is None or not backbone:
+        return "-"
+    return f"{backbone:.4f} ({value / backbone:.3f}x)"
+
+
 def markdown_table(records: list[dict[str, Any]], metrics: list[str] | None = None,
                    notes: dict[tuple[str, str], str] | None = None, slice_metrics: list[str] | None = None) -> str:
     """One row per model: valid/test metrics, cold and new slices, cost, why training stopped, and cost
@@ -141,8 +150,10 @@ def markdown_table(records: list[dict[str, Any]], metrics: list[str] | None = No
     base_epoch = records[0]["cost"].get("sec_per_epoch") or float("nan")
     slices = _slice_columns(records, slice_metrics)
     budgets = any(r["cost"].get("train_time_budget") for r in records)
+    backbones = any(r["result"].get("backbone_test_result") for r in records)
     header = (["model", "setting", f"valid {metrics[0]}"] + [f"test {m}" for m in metrics]
               + [f"{label} {m}" for _, label, ms in slices for m in ms + ["users"]]
+              + ([f"own backbone test {metrics[0]} (ratio)"] if backbones else [])
               + ["s/epoch", f"s/epoch vs {records[0]['model']}", "epochs (best)", "stopped_by"] + (["budget s"] if budgets else [])
               + ["s to best", "eval s", "peak MB"] + (["notes"] if notes else []))
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -155,6 +166,8 @@ def markdown_table(records: list[dict[str, Any]], metrics: list[str] | None = No
         for key, _, ms in slices:
             part = record["result"].get(key) or {}
             cells += [f"{part.get(m, float('nan')):.4f}" for m in ms] + [f"{part.get('n_users', 0):.0f}"]
+        if backbones:
+            cells.append(backbone_cell(test.get(metrics[0]), (record["result"].get("backbone_test_result") or {}).get(metrics[0])))
         cells += [f"{cost['sec_per_epoch']:.1f}", f"{cost['sec_per_epoch'] / base_epoch:.2f}x",
                   f"{cost['epochs']} ({cost.get('best_epoch', 0)})", stop_cell(cost)]
         cells += [budget_cell(cost)] if budgets else []
@@ -448,8 +461,10 @@ def seeds_table(rows: Iterable[Any], metrics: list[str] | None = None, notes: di
              if r["split"] == "test" and r["metric"].endswith(DIFF_SUFFIXES)}
     diff_metric = next((m.removesuffix("_diff") for _, _, m in diffs if m.endswith("_diff")), "ndcg@10")
     budgets = any(r["cost"].get("train_time_budget") for r in means.values())
+    backbones = any(r["result"].get("backbone_test_result") for r in means.values())
     header = (["model", "setting", "seeds"] + [f"test {m}" for m in metrics]
               + [f"{label} {m}" for _, label, ms in slices for m in ms + ["users"]]
+              + ([f"own backbone test {metrics[0]} (ratio)"] if backbones else [])
               + ([f"test {diff_metric} - {reference} [95%]"] if reference and diffs else [])
               + ["s/epoch", "epochs", "stopped_by"] + (["budget s"] if budgets else []) + ["peak MB"] + (["notes"] if notes else []))
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -476,6 +491,9 @@ def seeds_table(rows: Iterable[Any], metrics: list[str] | None = None, notes: di
         cells = [model, setting, str(len(group))] + [cell(key, "test_result", m) for m in metrics]
         for result_key, _, ms in slices:
             cells += [cell(key, result_key, m) for m in ms] + [cell(key, result_key, "n_users", 0)]
+        if backbones:
+            cells.append(backbone_cell((record["result"].get("test_result") or {}).get(metrics[0]),
+                                       (record["result"].get("backbone_test_result") or {}).get(metrics[0])))
         if reference and diffs:
             found = [diffs.get((model, setting, f"{diff_metric}{suffix}")) for suffix in DIFF_SUFFIXES]
             cells.append("-" if None in found else f"{found[0]:+.4f} [{found[1]:+.4f}, {found[2]:+.4f}] {_verdict(found[1], found[2])}")

@@ -244,6 +244,24 @@ def test_aggregate_rows_match_a_hand_computation(tmp_path):
     assert "early_stop x2, budget (0 s) x1" in table
 
 
+def test_llm_rows_report_their_own_backbone_and_the_ratio_in_csv_and_tables(tmp_path):
+    """A frozen-backbone model's backbone test metrics become split test_backbone and a ratio column."""
+    records = [_record("AlignSASRec", "default", s, 0.30, 5) for s in (2020, 2021)]
+    records += [_record("AlignLLMRec", "no_llm", s, v, 3) for s, v in ((2020, 0.33), (2021, 0.31))]
+    for record, backbone in zip(records[2:], (0.30, 0.29)):
+        record["result"]["backbone_test_result"] = {"ndcg@10": backbone}
+    report.write_comparison(records, "toy", tmp_path, "own")
+    written = (tmp_path / "own.csv").read_text().splitlines()
+    assert "toy,AlignLLMRec,no_llm/seed_2021,test_backbone,ndcg@10,0.29" in written
+    assert "toy,AlignLLMRec,no_llm/mean,test_backbone,ndcg@10,0.295" in written
+    table = (tmp_path / "own.md").read_text()
+    assert "own backbone test ndcg@10 (ratio)" in table
+    assert "0.2950 (1.085x)" in table  # mean 0.32 over mean 0.295
+    assert table.count("| - |") >= 1  # AlignSASRec has no own backbone
+    single = report.markdown_table(records[2:3])
+    assert "0.3000 (1.100x)" in single
+
+
 def test_paired_bootstrap_matches_a_hand_computation():
     users = np.array(["c", "a", "b", "d", "a", "b", "c", "e"])  # two seeds; "d" and "e" scored in one only
     differences = np.array([0.5, 1.0, -0.2, 0.0, 0.6, 0.2, 0.1, 1.5])
