@@ -191,6 +191,9 @@ def test_no_llm_ablation_reads_the_same_prompt_with_an_mlp_of_similar_size_and_n
     assert scores.shape == (len(interaction), model.n_items) and torch.isfinite(scores).all()
     with pytest.raises(ValueError, match="prompt_reader must be one of"):
         _build(trained_backbone, tiny_llama_dir, prompt_reader="gru")
+    _, with_lora, _ = _build(trained_backbone, tiny_llama_dir, prompt_reader="mlp", lora_r=2)
+    assert not [n for n, p in with_lora.named_parameters() if p.requires_grad and n.startswith("llm.")]  # no LLM trainables
+    assert set(with_lora.state_dict()) == set(model.state_dict())  # LoRA off: the same checkpoint keys as without it
 
 
 def test_mismatched_sizes_and_missing_backbone_are_clear_errors(trained_backbone, tiny_llama_dir):
