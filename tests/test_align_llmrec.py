@@ -196,6 +196,60 @@ def test_no_llm_ablation_reads_the_same_prompt_with_an_mlp_of_similar_size_and_n
     assert set(with_lora.state_dict()) == set(model.state_dict())  # LoRA off: the same checkpoint keys as without it
 
 
+def test_llm_item_scoring_starts_at_the_backbone_ranking_learns_and_caches_the_item_vectors(trained_backbone, tiny_llama_dir,
+                                                                                           tmp_path, caplog):
+    """llm_item_scoring: the LLM reads every item's text once (cached, keyed by the tokens); the extra
+    score term starts at zero, so the untrained model ranks exactly as without it, and it trains."""
+    import logging
+
+    from recbole_llmalign.llm.item_vectors import mean_hidden_states
+
+    cache = str(tmp_path / "llm_cache")
+    _, plain, (train, _, test) = _build(trained_backbone, tiny_llama_dir)
+    with caplog.at_level(logging.INFO):
+        _, model, _ = _build(trained_backbone, tiny_llama_dir, llm_item_scoring=True, llm_cache_dir=cache)
+        _, again, _ = _build(trained_backbone, tiny_llama_dir, llm_item_scoring=True, llm_cache_dir=cache)
+    messages = [r.getMessage() for r in caplog.records if "LLM item vectors" in r.getMessage()]
+    assert "(encoded)" in messages[0] and "(cache hit)" in messages[1]
+    assert torch.equal(model.llm_item_vectors, again.llm_item_vectors)
+    assert model.llm_item_vectors.shape == (model.n_items, model.llm_hidden_size)
+    assert not model.llm_item_vectors[0].any() and model.llm_item_vectors[1:].abs().sum(1).gt(0).all()  # padding row only
+    interaction = next(iter(test))[0]
+    plain.eval(), model.eval()
+    assert torch.allclose(model.full_sort_predict(interaction), plain.full_sort_predict(interaction), atol=1e-5)
+
+    rows = model.prompts.title_ids[1:6]
+    alone = mean_hidden_states(model.decoder, rows[:1], model.pad_id)
+    batched = mean_hidden_states(model.decoder, rows, model.pad_id, batch_size=5)
+    assert torch.allclose(torch.from_numpy(alone[0]), torch.from_numpy(batched[0]), atol=1e-5)  # padding does not leak
+
+    model.train()
+    before = model.item_text_query.weight.detach().clone()
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    batch = next(iter(train))
+    losses = []
+    for _ in range(10):
+        loss = sum(model.calculate_loss(batch))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert not torch.equal(model.item_text_query.weight, before) and losses[-1] < losses[0]
+    assert "llm_item_vectors" not in model.state_dict()  # rebuilt from the cache, not stored in checkpoints
+    # the vectors on titles the tiny tokenizer knows (the fixture's titles are all unknown words to it)
+    config, ablation, _ = _build(trained_backbone, tiny_llama_dir, llm_item_scoring=True, prompt_reader="mlp", llm_cache_dir=cache)
+    titles = [[], [5, 6], [9, 11], [7], [8, 10, 6], [3]]
+    for built in (model, ablation):
+        built.prompts.title_ids = titles
+    raw = {"llm": torch.from_numpy(mean_hidden_states(model.decoder, titles, model.pad_id)),
+           "mlp": torch.stack([ablation.embed_tokens.weight[ids].mean(0) if ids else torch.zeros(32) for ids in titles])}
+    for built, reader in ((model, "llm"), (ablation, "mlp")):
+        vectors, expected = built._item_text_vectors(config), raw[reader][1:]
+        assert torch.allclose(vectors[1:], (expected - expected.mean(0)) / expected.std(0), atol=1e-4)  # standardised
+        assert not vectors[0].any()
+    assert not torch.allclose(raw["llm"][1:], raw["mlp"][1:])  # the LLM's layers, not its input table alone
+
+
 def test_mismatched_sizes_and_missing_backbone_are_clear_errors(trained_backbone, tiny_llama_dir):
     with pytest.raises(ValueError, match="llm_hidden_size is 64 but"):
         _build(trained_backbone, tiny_llama_dir, llm_hidden_size=64)

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from recbole_llmalign.llm.item_vectors import cached_item_vectors
 from recbole_llmalign.llm.soft_prompt import (
     HISTORY_SLOT,
     SEMANTIC_SLOT,
@@ -105,6 +106,29 @@ class AlignLLMRec(FrozenBackboneLLMRecommender):
         nn.init.zeros_(self.ranking_head.weight)
         nn.init.zeros_(self.ranking_head.bias)
         self.residual_backbone = bool(config["rank_with_backbone_residual"])
+        self.llm_item_scoring = bool(config["llm_item_scoring"])
+        if self.llm_item_scoring:
+            self.register_buffer("llm_item_vectors", self._item_text_vectors(config), persistent=False)
+            self.item_text_key = nn.Linear(self.llm_hidden_size, self.cf_dim)
+            self.item_text_query = nn.Linear(self.llm_hidden_size, self.cf_dim)
+            nn.init.zeros_(self.item_text_query.weight)  # zero at the start: the ranking stays the backbone's
+            nn.init.zeros_(self.item_text_query.bias)
+
+    def _item_text_vectors(self, config: Any) -> torch.Tensor:
+        """[N, D] standardised vectors of the items' prompt text: the LLM's (``llm_item_vectors``, cached),
+        or, in the no_llm ablation, the mean of the same tokens' input embeddings (no LLM layers)."""
+        if self.prompt_reader == "llm":
+            vectors = cached_item_vectors(self.decoder, self.prompts.title_ids, self.pad_id, config["llm_cache_dir"],
+                                          config["dataset"], self.llm_source, self.llm_num_layers)
+        else:
+            with torch.no_grad():
+                vectors = torch.stack([self.embed_tokens.weight[ids].mean(0) if ids else self.embed_tokens.weight.new_zeros(
+                    self.llm_hidden_size) for ids in self.prompts.title_ids]).float()
+        present = vectors.abs().sum(1) > 0
+        if present.any():
+            mean, std = vectors[present].mean(0), vectors[present].std(0).clamp(min=1e-6)
+            vectors = torch.where(present.unsqueeze(1), (vectors - mean) / std, vectors)
+        return vectors
 
     def train(self, mode: bool = True) -> AlignLLMRec:
         super().train(mode)
@@ -199,7 +223,10 @@ class AlignLLMRec(FrozenBackboneLLMRecommender):
         query = self.ranking_head(state)
         if self.residual_backbone:
             query = query + user
-        return query @ self.item_side().scoring.T, query
+        scores = query @ self.item_side().scoring.T
+        if self.llm_item_scoring:  # the LLM state matched with the LLM's own vector of each item's text
+            scores = scores + self.item_text_query(state) @ self.item_text_key(self.llm_item_vectors).T
+        return scores, query
 
     # ---- RecBole interface ----
     def calculate_loss(self, interaction: Any) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
