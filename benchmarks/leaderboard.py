@@ -57,6 +57,14 @@ STANDARD = [
     ("AlignLLMRec:no_llm", "AlignLLMRec", "no_llm", {"prompt_reader": "mlp"}),  # the LLM ablation (same samples and head)
     ("AlignGenRec", "AlignGenRec", "default", {}),
 ]
+# AlignLLMRec levers (issue: the LLM earns its cost): named variants, run only when --models names them
+LEVERS = [
+    ("AlignLLMRec:llm_items", "AlignLLMRec", "llm_items", {"llm_item_scoring": True}),
+    ("AlignLLMRec:no_llm_items", "AlignLLMRec", "no_llm_items", {"llm_item_scoring": True, "prompt_reader": "mlp"}),
+    ("AlignLLMRec:lr_1e-3", "AlignLLMRec", "lr_1e-3", {"learning_rate": 0.001}),
+    ("AlignLLMRec:no_llm_lr_1e-3", "AlignLLMRec", "no_llm_lr_1e-3", {"learning_rate": 0.001, "prompt_reader": "mlp"}),
+]
+ALL_RUNS = STANDARD + LEVERS
 FEATURE_MODELS = ("SASRecF", "FDSA")
 LLM_MODELS = ("AlignLLMRec", "AlignGenRec")
 
@@ -112,6 +120,10 @@ def field_use(name: str, config_files: list[str] | None, data_config: dict[str, 
         "AlignLLMRec": f"frozen AlignSASRec (ids + text) + SmolLM2-135M; {text_fields[0] if text_fields else 'no'} text in the prompt",
         "AlignLLMRec:no_llm": "the LLM ablation: the same samples, prompt embeddings and head, read by an MLP of the prefixes' "
                               "trainable size instead of the LLM",
+        "AlignLLMRec:llm_items": "+ llm_item_scoring: the LLM's vector of each item's title in the score",
+        "AlignLLMRec:no_llm_items": "no_llm + llm_item_scoring (the titles' input embeddings, no LLM layers)",
+        "AlignLLMRec:lr_1e-3": "learning_rate 1e-3 (default 1e-4)",
+        "AlignLLMRec:no_llm_lr_1e-3": "no_llm, learning_rate 1e-3",
         "AlignGenRec": f"item codes from AlignSASRec + text ({text}); SmolLM2-135M",
     }
     blocked = [] if usable else list(FEATURE_MODELS)
@@ -134,7 +146,8 @@ def main() -> None:
     parser.add_argument("--new-item-ratio", type=float, default=0.0, help="new_item_ratio (0 = protocol off)")
     parser.add_argument("--seeds", default="2020", help="comma-separated seeds; every model runs once per seed")
     parser.add_argument("--models", default=",".join(run for run, *_ in STANDARD),
-                        help="comma list of run ids from: " + ", ".join(run for run, *_ in STANDARD))
+                        help="comma list of run ids from: " + ", ".join(run for run, *_ in ALL_RUNS)
+                        + " (the levers only when named)")
     parser.add_argument("--reference", default="SASRec", help="model every other row is tested against")
     parser.add_argument("--epochs", type=int, default=300, help="epoch cap of every non-LLM row (and of the LLM rows' backbone)")
     parser.add_argument("--stopping-step", type=int, default=10, help="RecBole's stopping_step (validations without gain)")
@@ -147,7 +160,7 @@ def main() -> None:
     parser.add_argument("--fresh", action="store_true", help="ignore finished runs in an existing results CSV")
     parser.add_argument("--name", default=None, help="results name (default leaderboard_<dataset>[-u<N>][_new<ratio>])")
     args = parser.parse_args()
-    known = {run for run, *_ in STANDARD}
+    known = {run for run, *_ in ALL_RUNS}
     chosen = [m.strip() for m in args.models.split(",") if m.strip()]
     if set(chosen) - known:
         parser.error(f"unknown --models {sorted(set(chosen) - known)}; choose from {sorted(known)}")
@@ -182,7 +195,7 @@ def main() -> None:
     llm = {"epochs": args.llm_epochs, "eval_step": args.llm_epochs, "backbone_epochs": args.epochs,
            **({"llm_layers": args.llm_layers} if args.llm_layers else {})}
     runs = [(model, setting, {**extra, **(llm if model in LLM_MODELS else {})})
-            for run, model, setting, extra in STANDARD if run in chosen and run not in blocked]
+            for run, model, setting, extra in ALL_RUNS if run in chosen and run not in blocked]
     threads = os.environ.get("OMP_NUM_THREADS", "2")
     ratio = args.new_item_ratio
     preface = (
@@ -202,7 +215,7 @@ def main() -> None:
             per_user_dir=Path("saved") / "leaderboard" / table, resume=not args.fresh, keep_going=True,
             table={"preface": preface, "metrics": ["ndcg@10", "recall@10", "hit@5"],
                    "slice_metrics": ["ndcg@10", "recall@10", "hit@5"],
-                   "notes": {(model, setting): notes[run] for run, model, setting, _ in STANDARD}})
+                   "notes": {(model, setting): notes[run] for run, model, setting, _ in ALL_RUNS}})
     print((RESULTS / f"{table}.md").read_text())
 
 
