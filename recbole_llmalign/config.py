@@ -9,6 +9,10 @@ A model's property files follow its class hierarchy, base first (as RecBole-GNN'
 (``FrozenBackboneLLMRecommender``: the keys every LLM model shares), then
 ``properties/model/<Class>.yaml`` for each model class down to the one asked for (AlignLLMRecCTR
 reads AlignLLMRec.yaml, then its own). Each key thus has one default, in one file.
+
+A device profile (``device_profile: gpu``) adds one layer after the model's files and before the
+dataset's: ``properties/profile/<profile>/<Class>.yaml`` for the same classes (batch sizes, LLM
+depth and epochs for that hardware). Anything the user sets still wins.
 """
 
 from __future__ import annotations
@@ -85,6 +89,25 @@ def model_property_files(model_class: type) -> list[Path]:
     return files
 
 
+def device_profiles() -> list[str]:
+    """Names of the shipped device profiles (folders of ``properties/profile/``)."""
+    return sorted(p.name for p in (PROPERTIES_DIR / "profile").iterdir() if p.is_dir())
+
+
+def profile_property_files(profile: str, model_class: type) -> list[Path]:
+    """The profile's YAML files for ``model_class`` and its plugin base classes, base first
+    (a model the profile has no file for keeps its own defaults)."""
+    if profile not in device_profiles():
+        raise ConfigError(f"device_profile '{profile}' is not a shipped profile; choose one of {device_profiles()} "
+                          f"(recbole_llmalign/properties/profile/) or ~ for none.")
+    files = []
+    for cls in reversed(model_class.__mro__):
+        path = PROPERTIES_DIR / "profile" / profile / f"{cls.__name__}.yaml"
+        if path.is_file() and cls.__module__.startswith("recbole_llmalign."):
+            files.append(path)
+    return files
+
+
 class Config(RecBoleConfig):
     """RecBole's Config plus the plugin's YAML property files and model registry.
 
@@ -121,13 +144,15 @@ class Config(RecBoleConfig):
     def _load_internal_config_dict(self, model: str, model_class: type, dataset: str) -> None:
         self.recbole_defaults: dict[str, tuple[Any, str]] = {}
         super()._load_internal_config_dict(model, model_class, dataset)
-        plugin_files = [PROPERTIES_DIR / "overall.yaml", *model_property_files(model_class),
+        profile = self.external_config_dict.get("device_profile")
+        profile_files = profile_property_files(str(profile), model_class) if profile else []
+        plugin_files = [PROPERTIES_DIR / "overall.yaml", *model_property_files(model_class), *profile_files,
                         PROPERTIES_DIR / "dataset" / f"{dataset}.yaml"]
         self.plugin_defaults: dict[str, tuple[Any, str]] = {}
         for file in plugin_files:
             if file.is_file():
                 loaded = self._update_internal_config_dict(str(file)) or {}
-                if file.parent.name != "dataset":  # overall, base and model files: typed plugin defaults
+                if file.parent.name != "dataset" and file not in profile_files:  # overall, base and model files: typed plugin defaults
                     where = str(file.relative_to(PROPERTIES_DIR.parents[1]))
                     self.plugin_defaults.update({key: (value, where) for key, value in loaded.items()})
                 if file.parent.name == "dataset":

@@ -151,7 +151,8 @@ class RunControlsMixin(PerUserMetricsMixin):
             "best_epoch": self.best_epoch, "saved_model_file": self.saved_model_file,  # type: ignore[attr-defined]
             "state_dict": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),  # type: ignore[attr-defined]
             "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
-                    "data_order": train_data.generator.get_state() if hasattr(train_data, "generator") else None},
+                    "data_order": train_data.generator.get_state() if hasattr(train_data, "generator") else None,
+                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},  # GPU dropout draws
         }
         torch_save_atomic(state, self.latest_state_file())
 
@@ -185,6 +186,8 @@ class RunControlsMixin(PerUserMetricsMixin):
         torch.set_rng_state(state["rng"]["torch"])
         np.random.set_state(state["rng"]["numpy"])
         random.setstate(state["rng"]["python"])
+        if state["rng"].get("cuda") is not None and torch.cuda.is_available():  # absent in states saved before the key
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
         if state["rng"]["data_order"] is not None and hasattr(train_data, "generator"):
             train_data.generator.set_state(state["rng"]["data_order"])
         self.logger.info(f"resume_from_latest: continuing at epoch {self.start_epoch} from {path}.")  # type: ignore[attr-defined]

@@ -206,14 +206,15 @@ def test_llm_item_scoring_starts_at_the_backbone_ranking_learns_and_caches_the_i
 
     cache = str(tmp_path / "llm_cache")
     _, plain, (train, _, test) = _build(trained_backbone, tiny_llama_dir)
+    _, model, _ = _build(trained_backbone, tiny_llama_dir, llm_item_scoring=True, llm_cache_dir=cache)
+    _, again, _ = _build(trained_backbone, tiny_llama_dir, llm_item_scoring=True, llm_cache_dir=cache)
     with caplog.at_level(logging.INFO):
-        _, model, _ = _build(trained_backbone, tiny_llama_dir, llm_item_scoring=True, llm_cache_dir=cache)
-        _, again, _ = _build(trained_backbone, tiny_llama_dir, llm_item_scoring=True, llm_cache_dir=cache)
+        vectors, cached = model.item_text_vectors(), again.item_text_vectors()  # first use: computed, then read
     messages = [r.getMessage() for r in caplog.records if "LLM item vectors" in r.getMessage()]
     assert "(encoded)" in messages[0] and "(cache hit)" in messages[1]
-    assert torch.equal(model.llm_item_vectors, again.llm_item_vectors)
-    assert model.llm_item_vectors.shape == (model.n_items, model.llm_hidden_size)
-    assert not model.llm_item_vectors[0].any() and model.llm_item_vectors[1:].abs().sum(1).gt(0).all()  # padding row only
+    assert torch.equal(vectors, cached) and model.item_text_vectors() is vectors  # once per model
+    assert vectors.shape == (model.n_items, model.llm_hidden_size)
+    assert not vectors[0].any() and vectors[1:].abs().sum(1).gt(0).all()  # padding row only
     interaction = next(iter(test))[0]
     plain.eval(), model.eval()
     assert torch.allclose(model.full_sort_predict(interaction), plain.full_sort_predict(interaction), atol=1e-5)
@@ -235,16 +236,16 @@ def test_llm_item_scoring_starts_at_the_backbone_ranking_learns_and_caches_the_i
         optimizer.step()
         losses.append(loss.item())
     assert not torch.equal(model.item_text_query.weight, before) and losses[-1] < losses[0]
-    assert "llm_item_vectors" not in model.state_dict()  # rebuilt from the cache, not stored in checkpoints
+    assert not [k for k in model.state_dict() if "vectors" in k]  # rebuilt from the cache, not stored in checkpoints
     # the vectors on titles the tiny tokenizer knows (the fixture's titles are all unknown words to it)
-    config, ablation, _ = _build(trained_backbone, tiny_llama_dir, llm_item_scoring=True, prompt_reader="mlp", llm_cache_dir=cache)
+    _, ablation, _ = _build(trained_backbone, tiny_llama_dir, llm_item_scoring=True, prompt_reader="mlp", llm_cache_dir=cache)
     titles = [[], [5, 6], [9, 11], [7], [8, 10, 6], [3]]
     for built in (model, ablation):
         built.prompts.title_ids = titles
     raw = {"llm": torch.from_numpy(mean_hidden_states(model.decoder, titles, model.pad_id)),
            "mlp": torch.stack([ablation.embed_tokens.weight[ids].mean(0) if ids else torch.zeros(32) for ids in titles])}
     for built, reader in ((model, "llm"), (ablation, "mlp")):
-        vectors, expected = built._item_text_vectors(config), raw[reader][1:]
+        vectors, expected = built._item_text_vectors(), raw[reader][1:]
         assert torch.allclose(vectors[1:], (expected - expected.mean(0)) / expected.std(0), atol=1e-4)  # standardised
         assert not vectors[0].any()
     assert not torch.allclose(raw["llm"][1:], raw["mlp"][1:])  # the LLM's layers, not its input table alone

@@ -24,6 +24,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from recbole_llmalign.devices import HOST
+
 
 class ResidualCodebook(nn.Module):
     """Encoder -> L residual codebooks -> decoder, with a projector into the LLM's hidden space."""
@@ -61,7 +63,7 @@ class ResidualCodebook(nn.Module):
             book = torch.as_tensor(centers, dtype=latent.dtype, device=latent.device)
             if n_clusters < k:  # fewer distinct points than codes: spare codes start near random points
                 noise = 1e-3 * torch.randn(k - n_clusters, residual.size(1), dtype=residual.dtype, device=residual.device)
-                extra = residual[torch.randint(len(residual), (k - n_clusters,))] + noise
+                extra = residual[torch.randint(len(residual), (k - n_clusters,), device=HOST)] + noise  # seeded CPU stream
                 book = torch.cat([book, extra])
             self.codebooks[level] = book
             residual = residual - book[torch.cdist(residual, book).argmin(dim=1)]
@@ -105,7 +107,7 @@ def fit_codebook(vectors: torch.Tensor, llm_targets: torch.Tensor | None, target
         straight_through = latent + (quantized - latent).detach()
         reconstruction = F.mse_loss(tokenizer.decoder(straight_through), data)
         loss = reconstruction + book + commitment_weight * commit
-        align = torch.zeros(())
+        align = torch.zeros((), device=data.device)
         if use_align:
             projected = tokenizer.llm_projector(quantized)
             align = (1 - F.cosine_similarity(projected[target_mask], llm_targets[target_mask].float(), dim=-1)).mean()
@@ -116,10 +118,10 @@ def fit_codebook(vectors: torch.Tensor, llm_targets: torch.Tensor | None, target
         if step % 50 == 49 and step < steps - 50:  # restart dead codes on residuals of random items
             with torch.no_grad():
                 for level in range(levels):
-                    dead = torch.ones(codes_per_level, dtype=torch.bool)
+                    dead = torch.ones(codes_per_level, dtype=torch.bool, device=codes.device)
                     dead[codes[:, level].unique()] = False
                     if dead.any():
-                        picks = torch.randint(len(data), (int(dead.sum()),))
+                        picks = torch.randint(len(data), (int(dead.sum()),), device=HOST)  # seeded CPU stream
                         tokenizer.codebooks[level][dead] = residuals[level][picks].detach()
         losses = {"reconstruction": float(reconstruction.detach()), "commitment": float(commit.detach()),
                   "llm_align": float(align.detach())}
@@ -162,10 +164,10 @@ def resolve_collisions(codes: torch.Tensor, last_residual: torch.Tensor,
     codes = codes.clone()
     levels, k = codes.size(1), last_codebook.size(0)
     moved = 0
-    chunk = torch.zeros(len(codes), dtype=codes.dtype)
+    chunk = torch.zeros(len(codes), dtype=codes.dtype, device=codes.device)
     if collision_rate(codes) > 0:
         if levels == 1:
-            group = torch.zeros(len(codes), dtype=torch.long)
+            group = torch.zeros(len(codes), dtype=torch.long, device=codes.device)
         else:
             _, group = torch.unique(codes[:, :-1], dim=0, return_inverse=True)
         distances = torch.cdist(last_residual, last_codebook)
@@ -175,8 +177,8 @@ def resolve_collisions(codes: torch.Tensor, last_residual: torch.Tensor,
                 continue
             for index, start in enumerate(range(0, len(members), k)):
                 take = members[start:start + k]
-                rows, cols = linear_sum_assignment(distances[take].numpy())
-                new = torch.as_tensor(cols, dtype=codes.dtype)
+                rows, cols = linear_sum_assignment(distances[take].cpu().numpy())
+                new = torch.as_tensor(cols, dtype=codes.dtype, device=codes.device)
                 moved += int((codes[take[rows], -1] != new).sum())
                 codes[take[rows], -1] = new
                 chunk[take] = index
@@ -243,15 +245,16 @@ def code_rows_at_title_centroids(embeddings: torch.Tensor, item_codes: torch.Ten
     (``title_rows`` [N, H]) of the items that carry it (``item_codes`` [N, L]); codes no titled item
     carries start near the centre of the LLM's ``embeddings`` [V, H] (seeded noise)."""
     mean, std = embeddings.mean(0), embeddings.std(0)
-    generator = torch.Generator().manual_seed(0)
-    rows = mean + 0.5 * std * torch.randn(sum(codes_per_level), embeddings.size(1), generator=generator)
+    generator = torch.Generator(device=HOST).manual_seed(0)
+    noise = torch.randn(sum(codes_per_level), embeddings.size(1), generator=generator, device=HOST)
+    rows = mean + 0.5 * std * noise.to(embeddings.device)
     titled = has_title.clone()
     titled[0] = False  # the padding item
     offset = 0
     for level, size in enumerate(codes_per_level):
         codes = item_codes[titled, level]
         if len(codes) > 0:
-            sums = torch.zeros(size, embeddings.size(1)).index_add_(0, codes, title_rows[titled])
+            sums = torch.zeros(size, embeddings.size(1), device=title_rows.device).index_add_(0, codes, title_rows[titled])
             counts = torch.bincount(codes, minlength=size).unsqueeze(1)
             used = counts.squeeze(1) > 0
             rows[offset:offset + size][used] = sums[used] / counts[used]
@@ -265,4 +268,4 @@ def legacy_level_sizes(codes: torch.Tensor, total_codes: int, codebook_size: int
     levels = codes.size(1)
     regular = min(levels, total_codes // codebook_size)
     sizes = [codebook_size] * regular + ([total_codes - regular * codebook_size] if levels > regular else [])
-    return torch.tensor(sizes, dtype=torch.long)
+    return torch.tensor(sizes, dtype=torch.long, device=codes.device)

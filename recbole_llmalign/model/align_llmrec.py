@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from recbole_llmalign.devices import HOST
 from recbole_llmalign.llm.item_vectors import cached_item_vectors
 from recbole_llmalign.llm.soft_prompt import (
     HISTORY_SLOT,
@@ -107,19 +108,32 @@ class AlignLLMRec(FrozenBackboneLLMRecommender):
         nn.init.zeros_(self.ranking_head.bias)
         self.residual_backbone = bool(config["rank_with_backbone_residual"])
         self.llm_item_scoring = bool(config["llm_item_scoring"])
+        self._item_text_settings = (config["llm_cache_dir"], config["dataset"], str(config["llm_dtype"]))
+        self._llm_item_vectors: torch.Tensor | None = None  # computed on first use, on the device the model runs on
         if self.llm_item_scoring:
-            self.register_buffer("llm_item_vectors", self._item_text_vectors(config), persistent=False)
             self.item_text_key = nn.Linear(self.llm_hidden_size, self.cf_dim)
             self.item_text_query = nn.Linear(self.llm_hidden_size, self.cf_dim)
             nn.init.zeros_(self.item_text_query.weight)  # zero at the start: the ranking stays the backbone's
             nn.init.zeros_(self.item_text_query.bias)
 
-    def _item_text_vectors(self, config: Any) -> torch.Tensor:
-        """[N, D] standardised vectors of the items' prompt text: the LLM's (``llm_item_vectors``, cached),
+    def item_text_vectors(self) -> torch.Tensor:
+        """[N, D] the items' text vectors for ``llm_item_scoring``, computed once, on first use: by then
+        the model sits on its run device (a GPU pass, not a CPU pass in the constructor)."""
+        device = self.embed_tokens.weight.device
+        if self._llm_item_vectors is None:
+            self._llm_item_vectors = self._item_text_vectors()
+        if self._llm_item_vectors.device != device:
+            self._llm_item_vectors = self._llm_item_vectors.to(device)
+        return self._llm_item_vectors
+
+    def _item_text_vectors(self) -> torch.Tensor:
+        """[N, D] standardised vectors of the items' prompt text: the LLM's (``llm/item_vectors.py``, cached),
         or, in the no_llm ablation, the mean of the same tokens' input embeddings (no LLM layers)."""
         if self.prompt_reader == "llm":
-            vectors = cached_item_vectors(self.decoder, self.prompts.title_ids, self.pad_id, config["llm_cache_dir"],
-                                          config["dataset"], self.llm_source, self.llm_num_layers)
+            cache_dir, dataset, dtype = self._item_text_settings
+            with self.llm_autocast():
+                vectors = cached_item_vectors(self.decoder, self.prompts.title_ids, self.pad_id, cache_dir, dataset,
+                                              f"{self.llm_source} ({dtype})", self.llm_num_layers)
         else:
             with torch.no_grad():
                 vectors = torch.stack([self.embed_tokens.weight[ids].mean(0) if ids else self.embed_tokens.weight.new_zeros(
@@ -157,7 +171,7 @@ class AlignLLMRec(FrozenBackboneLLMRecommender):
             return self._instruction_kv
         from transformers import DynamicCache
 
-        with torch.no_grad():
+        with torch.no_grad(), self.llm_autocast():
             cache = DynamicCache(config=self.decoder.config)
             self.decoder(input_ids=self.instruction_ids.to(self.embed_tokens.weight.device), past_key_values=cache, use_cache=True)
         self._instruction_kv = [(layer.keys.detach(), layer.values.detach()) for layer in cache.layers]
@@ -210,12 +224,13 @@ class AlignLLMRec(FrozenBackboneLLMRecommender):
         user = self.user_vectors(item_seq, item_seq_len)
         embeds, mask, token_ids = self.prompt_parts(item_seq, item_seq_len, user, candidates, history_labels)
         if self.prompt_reader == "mlp":
-            return self.pooling_reader(embeds, token_ids, mask), user
+            return self.pooling_reader(embeds.float(), token_ids, mask), user
         cache, prefix_length = self.prefix_cache(user)
         full_mask = torch.cat([mask.new_ones(mask.size(0), prefix_length), mask], dim=1)
-        output = self.decoder(inputs_embeds=embeds, attention_mask=full_mask, position_ids=self.positions(mask, prefix_length),
-                              past_key_values=cache, use_cache=cache is not None)
-        return output.last_hidden_state[:, -1], user  # left padding: the last position is real
+        with self.llm_autocast():
+            output = self.decoder(inputs_embeds=embeds, attention_mask=full_mask, position_ids=self.positions(mask, prefix_length),
+                                  past_key_values=cache, use_cache=cache is not None)
+        return output.last_hidden_state[:, -1].float(), user  # left padding: the last position is real; heads in float32
 
     def scores_and_query(self, item_seq: torch.Tensor, item_seq_len: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(scores of every item [B, N], the query vector in item space [B, C])."""
@@ -225,7 +240,7 @@ class AlignLLMRec(FrozenBackboneLLMRecommender):
             query = query + user
         scores = query @ self.item_side().scoring.T
         if self.llm_item_scoring:  # the LLM state matched with the LLM's own vector of each item's text
-            scores = scores + self.item_text_query(state) @ self.item_text_key(self.llm_item_vectors).T
+            scores = scores + self.item_text_query(state) @ self.item_text_key(self.item_text_vectors()).T
         return scores, query
 
     # ---- RecBole interface ----
@@ -250,7 +265,7 @@ class AlignLLMRec(FrozenBackboneLLMRecommender):
         because RecBole's evaluator edits scores in place.
         """
         item_seq, item_seq_len = interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN]
-        order = torch.tensor(self.prompts.prompt_lengths(item_seq.cpu(), item_seq_len.cpu())).argsort(stable=True)
+        order = torch.tensor(self.prompts.prompt_lengths(item_seq.cpu(), item_seq_len.cpu()), device=HOST).argsort(stable=True)
         order = order.to(item_seq.device)
         with torch.inference_mode():
             scores = torch.empty(item_seq.size(0), self.n_items, device=item_seq.device)

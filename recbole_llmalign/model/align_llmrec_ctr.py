@@ -103,7 +103,8 @@ class AlignLLMRecCTR(AlignLLMRec):
             raise ValueError(f"This model reads the labels of the history ('{self.HISTORY_LABELS}'); pass history_labels.")
         if self.answer_from_llm:
             state, user = self.llm_states(item_seq, item_seq_len, candidates, history_labels)
-            yes_no = state @ self.lm_head.weight[list(self.answer_ids)].T  # [B, 2]
+            state = state.float()  # the head in float32, whatever dtype the LLM ran in
+            yes_no = state @ self.lm_head.weight[list(self.answer_ids)].float().T  # [B, 2]
             margin = yes_no[:, 0] - yes_no[:, 1] + self.answer_head(state).squeeze(-1)
         else:  # ablation: the collaborative terms alone, no LLM pass
             user = self.user_vectors(item_seq, item_seq_len)
