@@ -142,6 +142,21 @@ def test_generation_only_yields_real_items_and_learns_a_fixed_next_item(trained_
     assert (renormalized[both] >= full[both] - 1e-5).all()
     assert (renormalized[both] > full[both] + 1e-5).any()
 
+    # sampled evaluation: predict gives each candidate its exact code log-likelihood, the score the
+    # beam ranked it by, without searching (generate must not run)
+    seq, lengths = batch[model.ITEM_SEQ][:6], batch[model.ITEM_SEQ_LEN][:6]
+    for scoring in ("model", "renormalized"):
+        model.beam_scoring = scoring
+        items, scores = model.generate(seq, lengths)
+        for column in (0, 3, items.size(1) - 1):
+            exact = model.code_log_likelihood(seq, lengths, items[:, column])
+            assert torch.allclose(exact, scores[:, column], atol=1e-4)
+    model.generate = lambda *args, **kwargs: pytest.fail("predict ran a beam search")
+    candidates = torch.tensor([items[0, 0].item(), items[0, -1].item(), 1, 2, 3])
+    pairs = {model.ITEM_SEQ: seq[:1].expand(5, -1), model.ITEM_SEQ_LEN: lengths[:1].expand(5), model.ITEM_ID: candidates}
+    paired = model.predict(pairs)
+    assert paired.shape == (5,) and paired[0] == paired.max() and paired[0] > paired[1]  # the beam's best first
+
 
 def test_checkpoint_holds_trainables_and_codes_and_loading_never_refits(trained_backbone, tiny_llama_dir, tmp_path,
                                                                           monkeypatch):

@@ -326,9 +326,40 @@ class AlignGenRec(FrozenBackboneLLMRecommender):
             block[:, 0] = self.floor
         return scores.clone()
 
+    @torch.inference_mode()
+    def code_log_likelihood(self, item_seq: torch.Tensor, item_seq_len: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        """log P(codes of ``items[i]`` | user i's sequential prompt) [B], teacher forced in one pass.
+
+        This is exactly the score beam search ranks by (under the same ``beam_scoring``), computed
+        for given items instead of searched for: the prompt followed by the item's first L - 1 codes,
+        so the last L states predict its L codes.
+        """
+        self._require_codes()
+        device = self.code_embeddings.device
+        levels = len(self.level_offsets)
+        codes = self.item_codes[items.to(self.item_codes.device)].cpu()  # [B, L] per-level code indices
+        rows = [self._render("sequential", {"{history}": self._history(s, n)}) + self.item_code_tokens(item)[:-1]
+                for s, n, item in zip(item_seq.tolist(), item_seq_len.tolist(), items.tolist())]
+        ids, mask = self.left_pad(rows, device)
+        states = self._run(ids, mask, users=self._users(item_seq, item_seq_len)).last_hidden_state[:, -levels:].float()
+        total = torch.zeros(len(rows), device=device)
+        for level, offset in enumerate(self.level_offsets):
+            logits = states[:, level] @ self.code_embeddings[offset:offset + self.codes_per_level[level]].T.float()
+            if self.beam_scoring == "renormalized":
+                logits = logits.masked_fill(~self.trie.allowed(codes[:, :level]).to(device), float("-inf"))
+            gold = codes[:, level].to(device)
+            total = total + torch.log_softmax(logits, dim=-1).gather(1, gold.unsqueeze(1)).squeeze(1)
+        return total
+
     def predict(self, interaction: Any) -> torch.Tensor:
-        scores = self.full_sort_predict(interaction)
-        return scores.gather(1, interaction[self.ITEM_ID].unsqueeze(1)).squeeze(1)
+        """Scores of (history, candidate) pairs, as sampled evaluation (e.g. uni100) asks: each candidate's
+        exact code log-likelihood (``code_log_likelihood``), one teacher-forced pass per pair in
+        micro-batches, never a beam search per pair."""
+        item_seq, item_seq_len, items = interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN], interaction[self.ITEM_ID]
+        parts = [self.code_log_likelihood(item_seq[start:start + self.micro_batch], item_seq_len[start:start + self.micro_batch],
+                                          items[start:start + self.micro_batch])
+                 for start in self.micro_batch_starts(item_seq.size(0), "code likelihood")]
+        return torch.cat(parts).clone()
 
     # ---- checkpoints: trainable parameters and the item codes ----
     def load_state_dict(self, state_dict: dict[str, torch.Tensor], strict: bool = True, assign: bool = False) -> Any:
