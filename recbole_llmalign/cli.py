@@ -72,7 +72,9 @@ def _recommend_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model_file", required=True, help="checkpoint written by a run (saved/<Model>-<time>.pth)")
     parser.add_argument("--user", required=True, help="external user id, as in the dataset's .inter file")
     parser.add_argument("--topk", type=int, default=10)
-    parser.add_argument("--explain", action="store_true", help="one LLM-generated reason per item (AlignLLMRec)")
+    parser.add_argument("--explain", action="store_true",
+                        help="one sentence per item (AlignLLMRec), written from its evidence (the closest history items by "
+                             "the backbone's item vectors and the attributes they share), which is printed under it")
     parser.add_argument("--topk_cache", default=None, help="read the top-K from a file written by `precompute` (no model run)")
     parser.add_argument("--trust_checkpoint", action="store_true",
                         help="load --model_file with full unpickling, which can run code: only for a file you trust "

@@ -1,12 +1,13 @@
-"""Top-K recommendations for one user from a saved checkpoint, with titles, and LLM explanations.
+"""Top-K recommendations for one user from a saved checkpoint, with titles, and explanations with their evidence.
 
     python run_recbole_llmalign.py recommend --model_file saved/AlignLLMRec-<time>.pth --user 196 --topk 10 [--explain]
     python run_recbole_llmalign.py recommend --model_file saved/AlignGenRec-<time>.pth --user 196 --topk_cache saved/topk.pth
 
 Works for any RecBole or plugin model saved by a run (sequential models read the user's whole
 known history, time-ordered; general models score by user id). Items the user already has are
-not recommended. ``--explain`` asks AlignLLMRec's LLM for one short reason per item, conditioned
-on the same hybrid prompt (soft tokens, prefixes, history titles) that ranked it.
+not recommended. ``--explain`` (AlignLLMRec) gives each item one sentence and the evidence it was
+written from: the history items closest to it by the backbone's item vectors and the attributes
+they share (``llm/explain.py``); ``recommend(...).items[k].evidence`` holds it as data.
 """
 
 from __future__ import annotations
@@ -16,6 +17,19 @@ from typing import Any
 
 import torch
 
+from recbole_llmalign.llm.explain import Evidence
+
+
+@dataclass
+class RecommendedItem:
+    """One ranked item; ``explanation`` and ``evidence`` are set by ``--explain``."""
+
+    title: str
+    item_id: str  # external id
+    score: float
+    explanation: str | None = None
+    evidence: Evidence | None = None
+
 
 @dataclass
 class Recommendation:
@@ -24,19 +38,34 @@ class Recommendation:
     user: str
     model: str
     history: list[str]  # titles, oldest first (the last ``show_history`` items)
-    items: list[str]  # titles, best first
-    item_ids: list[str]  # external item ids, best first
-    scores: list[float]
-    explanations: list[str] = field(default_factory=list)
+    items: list[RecommendedItem] = field(default_factory=list)  # best first
+
+    @property
+    def titles(self) -> list[str]:
+        return [item.title for item in self.items]
+
+    @property
+    def item_ids(self) -> list[str]:
+        return [item.item_id for item in self.items]
+
+    @property
+    def scores(self) -> list[float]:
+        return [item.score for item in self.items]
+
+    @property
+    def explanations(self) -> list[str]:
+        return [item.explanation for item in self.items if item.explanation is not None]
 
     def render(self) -> str:
         lines = [f"User {self.user}: recent history (oldest first)"]
         lines += [f"  - {title}" for title in self.history] or ["  (no interactions)"]
         lines.append(f"Top-{len(self.items)} by {self.model}:")
-        for rank, (title, item, score) in enumerate(zip(self.items, self.item_ids, self.scores), start=1):
-            lines.append(f"  {rank:2d}. {title}  [item {item}]  score {score:.3f}")
-            if self.explanations:
-                lines.append(f"      why: {self.explanations[rank - 1]}")
+        for rank, item in enumerate(self.items, start=1):
+            lines.append(f"  {rank:2d}. {item.title}  [item {item.item_id}]  score {item.score:.3f}")
+            if item.explanation is not None:
+                lines.append(f"      why: {item.explanation}")
+            if item.evidence is not None:
+                lines.append(f"      evidence: {item.evidence.render()}")
         return "\n".join(lines)
 
 
@@ -92,9 +121,31 @@ def recommend_from_cache(model_file: str, topk_cache: str, user: str, topk: int 
     return Recommendation(
         user=str(user), model=f"{config['model']} (cached top-{cache.topk})",
         history=[titles[i] for i in history[-show_history:].tolist()],
-        items=[titles[token_ids[item]] for item, _ in rows], item_ids=[item for item, _ in rows],
-        scores=[score for _, score in rows],
+        items=[RecommendedItem(titles[token_ids[item]], item, score) for item, score in rows],
     )
+
+
+def rank_items(model: Any, config: Any, dataset: Any, history: torch.Tensor, topk: int,
+               internal_user: int | None = None) -> tuple[list[int], list[float]]:
+    """(internal ids, scores) of the ``topk`` best items the model gives a user whose interactions are ``history``
+    (internal ids, oldest first), never one of them: sequential models read the last ``MAX_ITEM_LIST_LENGTH`` of
+    ``history``, general models ``internal_user``."""
+    from recbole.data.interaction import Interaction
+    from recbole.utils import ModelType
+
+    if model.type == ModelType.SEQUENTIAL:
+        window = history[-int(config["MAX_ITEM_LIST_LENGTH"]):]
+        item_seq = torch.zeros(1, int(config["MAX_ITEM_LIST_LENGTH"]), dtype=torch.long)
+        item_seq[0, :len(window)] = window
+        interaction = {model.ITEM_SEQ: item_seq, model.ITEM_SEQ_LEN: torch.tensor([len(window)])}
+    else:
+        interaction = {dataset.uid_field: torch.tensor([internal_user])}
+    with torch.no_grad():
+        scores = model.full_sort_predict(Interaction(interaction).to(config["device"])).view(-1).cpu().clone()
+    scores[0] = -torch.inf  # padding item
+    scores[history] = -torch.inf  # already interacted
+    top = torch.topk(scores, min(topk, int(torch.isfinite(scores).sum())))
+    return top.indices.tolist(), top.values.tolist()
 
 
 def recommend(model_file: str, user: str, topk: int = 10, explain: bool = False, show_history: int = 5,
@@ -104,37 +155,24 @@ def recommend(model_file: str, user: str, topk: int = 10, explain: bool = False,
     ``loaded`` = the tuple of ``quick_start.load_data_and_model`` to reuse across calls;
     ``trust`` = load ``model_file`` with full unpickling (``--trust_checkpoint``).
     """
-    from recbole.utils import ModelType
-
     from recbole_llmalign.quick_start import load_data_and_model
 
     config, model, dataset, _, _, _ = loaded or load_data_and_model(model_file, trust=trust)
     internal_user = _internal_user(config, dataset, user)
     history = user_history(dataset, internal_user)
-    if model.type == ModelType.SEQUENTIAL:
-        window = history[-int(config["MAX_ITEM_LIST_LENGTH"]):]
-        item_seq = torch.zeros(1, int(config["MAX_ITEM_LIST_LENGTH"]), dtype=torch.long)
-        item_seq[0, :len(window)] = window
-        interaction = {model.ITEM_SEQ: item_seq, model.ITEM_SEQ_LEN: torch.tensor([len(window)])}
-    else:
-        interaction = {dataset.uid_field: torch.tensor([internal_user])}
-    from recbole.data.interaction import Interaction
+    explainer = None
+    if explain:  # refused before any ranking when the model cannot explain
+        from recbole_llmalign.llm.explain import explainer_for
 
-    with torch.no_grad():
-        scores = model.full_sort_predict(Interaction(interaction).to(config["device"])).view(-1).cpu().clone()
-    scores[0] = -torch.inf  # padding item
-    scores[history] = -torch.inf  # already interacted
-    top = torch.topk(scores, min(topk, int(torch.isfinite(scores).sum())))
+        explainer = explainer_for(model, config, dataset)
+    indices, scores = rank_items(model, config, dataset, history, topk, internal_user)
     titles = _titles(config, dataset)
     item_tokens = dataset.field2id_token[dataset.iid_field]
     result = Recommendation(
         user=str(user), model=config["model"], history=[titles[i] for i in history[-show_history:].tolist()],
-        items=[titles[i] for i in top.indices.tolist()], item_ids=[str(item_tokens[i]) for i in top.indices.tolist()],
-        scores=top.values.tolist(),
+        items=[RecommendedItem(titles[i], str(item_tokens[i]), score) for i, score in zip(indices, scores)],
     )
-    if explain:
-        from recbole_llmalign.llm.explain import explainer_for
-
-        explainer = explainer_for(model, config)
-        result.explanations = explainer.explain(interaction[model.ITEM_SEQ], interaction[model.ITEM_SEQ_LEN], top.indices)
+    if explainer is not None:
+        for item, explanation in zip(result.items, explainer.explain(history.tolist(), indices)):
+            item.explanation, item.evidence = explanation.text, explanation.evidence
     return result

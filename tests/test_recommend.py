@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.conftest import cyclic_config
 
@@ -25,15 +26,27 @@ def test_recommend_lists_unseen_items_best_first_with_explanations(trained_backb
     result = recommend(model_file, "u5", topk=5, explain=True, loaded=loaded)
     assert len(result.items) == len(result.scores) == len(result.explanations) == 5
     assert result.scores == sorted(result.scores, reverse=True)
-    known = {str(dataset.field2id_token[dataset.iid_field][i]) for i in user_history(dataset, dataset.field2token_id["user_id"]["u5"]).tolist()}
+    history = user_history(dataset, dataset.field2token_id["user_id"]["u5"]).tolist()
+    known = {str(dataset.field2id_token[dataset.iid_field][i]) for i in history}
     assert known and not known & set(result.item_ids)  # nothing the user already has
-    assert all(title.startswith("Item number") for title in result.items + result.history)
-    assert len(result.history) == 5 and all(isinstance(reason, str) for reason in result.explanations)
-    # the ranking LLM keeps 2 of 3 layers; explanations come from the full-depth model, loaded once
+    assert all(title.startswith("Item number") for title in result.titles + result.history)
+    assert len(result.history) == 5
+    assert all(reason[0].isupper() and reason.endswith(".") for reason in result.explanations)
+    # the evidence: the user's 2 history items closest to each item by the frozen backbone's item vectors
     model = loaded[1]
+    vectors = torch.nn.functional.normalize(model.item_side().scoring, dim=-1)
+    seen = sorted(set(history))
+    for item in result.items:
+        internal = dataset.field2token_id["item_id"][item.item_id]
+        closest = [seen[i] for i in torch.argsort(vectors[seen] @ vectors[internal], descending=True)[:2].tolist()]
+        assert [match.index for match in item.evidence.history] == closest and item.evidence.item_id == item.item_id
+    rendered = result.render()
+    assert rendered.count("why: ") == 5 and rendered.count("evidence: ") == 5
+    # the ranking LLM keeps 2 of 3 layers; explanations come from the full-depth model, loaded once
     from recbole_llmalign.llm.explain import explainer_for
 
-    assert len(model.decoder.layers) == 2 and len(explainer_for(model, loaded[0]).writer().model.layers) == 3
+    explainer = explainer_for(model, loaded[0], dataset)
+    assert len(model.decoder.layers) == 2 and len(explainer.lm().model.layers) == 3 and explainer.lm() is explainer.lm()
 
     with pytest.raises(ValueError, match="User 'nobody' is not in cyclic"):
         recommend(model_file, "nobody", loaded=loaded)
