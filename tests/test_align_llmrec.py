@@ -224,6 +224,12 @@ def test_llm_item_scoring_starts_at_the_backbone_ranking_learns_and_caches_the_i
     batched = mean_hidden_states(model.decoder, rows, model.pad_id, batch_size=5)
     assert torch.allclose(torch.from_numpy(alone[0]), torch.from_numpy(batched[0]), atol=1e-5)  # padding does not leak
 
+    fresh = _build(trained_backbone, tiny_llama_dir, llm_item_scoring=True, llm_cache_dir=cache)[1].eval()
+    fresh.full_sort_predict(interaction)  # first asked for under inference mode (validation before training) ...
+    fresh.train()
+    sum(fresh.calculate_loss(next(iter(train)))).backward()  # ... and training still backpropagates through the term
+    assert fresh.item_text_query.weight.grad is not None
+
     model.train()
     before = model.item_text_query.weight.detach().clone()
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)

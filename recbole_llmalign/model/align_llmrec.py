@@ -120,10 +120,11 @@ class AlignLLMRec(FrozenBackboneLLMRecommender):
         """[N, D] the items' text vectors for ``llm_item_scoring``, computed once, on first use: by then
         the model sits on its run device (a GPU pass, not a CPU pass in the constructor)."""
         device = self.embed_tokens.weight.device
-        if self._llm_item_vectors is None:
-            self._llm_item_vectors = self._item_text_vectors()
-        if self._llm_item_vectors.device != device:
-            self._llm_item_vectors = self._llm_item_vectors.to(device)
+        if self._llm_item_vectors is None or self._llm_item_vectors.device != device:
+            # a normal tensor even when first asked for under evaluation's inference mode: training reuses it
+            with torch.inference_mode(False), torch.no_grad():
+                vectors = self._item_text_vectors() if self._llm_item_vectors is None else self._llm_item_vectors
+                self._llm_item_vectors = vectors.to(device).clone()
         return self._llm_item_vectors
 
     def _item_text_vectors(self) -> torch.Tensor:
