@@ -495,7 +495,7 @@ def compare(
                               lambda temp, source=cost["per_user_file"]: shutil.copyfile(source, temp))
         records.append(record)
         write()  # partial results survive a crash
-    if records and (failures or all(key in earlier for key in planned)):  # the failures listed, or nothing ran
+    if records:  # always: runs kept from the earlier file after the last new run are in no write yet
         write()
     if reference and not any(r["model"] == reference.partition(":")[0] for r in records):
         logging.getLogger(__name__).warning(f"reference {reference!r} is not among the compared models; no significance rows.")

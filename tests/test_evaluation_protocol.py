@@ -333,6 +333,11 @@ def test_compare_runs_every_seed_writes_aggregates_and_bootstrap_and_resumes(cyc
                     reference="Pop", per_user_dir=per_user, resume=True)  # nothing left to run
     assert (out / "seeded.csv").read_text() == first and len(again) == 4
     assert "| GRU4Rec | default | 2 |" in (out / "seeded.md").read_text()
+    # a new run planned before finished ones: the finished ones after it are still written
+    compare([("Pop", "again", {}), "Pop", "GRU4Rec"], name, config_dict=config, output_dir=out, name="seeded", seeds=[2020],
+            reference="Pop", per_user_dir=per_user, resume=True)
+    written = {(r["model"], r["setting"]) for r in csv.DictReader(open(out / "seeded.csv", encoding="utf-8"))}
+    assert {("Pop", "again/seed_2020"), ("GRU4Rec", "default/seed_2020"), ("GRU4Rec", "default/seed_2021")} <= written
 
 
 def test_cli_passes_seeds_and_reference_to_compare(monkeypatch):
