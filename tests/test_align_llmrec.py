@@ -154,6 +154,20 @@ def test_ablation_switches_build_and_run(trained_backbone, tiny_llama_dir):
     assert torch.isfinite(model.full_sort_predict(next(iter(test))[0])).all()
 
 
+def _train_steps(model, batch, steps: int) -> list[float]:
+    """Adam steps (lr 1e-2) on one batch in training mode; the loss after each."""
+    model.train()
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    for _ in range(steps):
+        loss = sum(model.calculate_loss(batch))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return losses
+
+
 def test_no_llm_ablation_reads_the_same_prompt_with_an_mlp_of_similar_size_and_never_runs_the_llm(trained_backbone,
                                                                                                    tiny_llama_dir):
     """prompt_reader: mlp is the LLM ablation: same prompt embeddings, samples and head; the LLM-only
@@ -174,16 +188,7 @@ def test_no_llm_ablation_reads_the_same_prompt_with_an_mlp_of_similar_size_and_n
         raise AssertionError("the no_llm ablation ran the LLM")
 
     model.decoder.forward = no_llm
-    model.train()
-    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    batch = next(iter(train))
-    losses = []
-    for _ in range(15):
-        loss = sum(model.calculate_loss(batch))
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
+    losses = _train_steps(model, next(iter(train)), 15)
     assert losses[-1] < losses[0] - 0.1  # the MLP reader learns from the same samples
     model.eval()
     interaction = next(iter(test))[0]
@@ -230,17 +235,8 @@ def test_llm_item_scoring_starts_at_the_backbone_ranking_learns_and_caches_the_i
     sum(fresh.calculate_loss(next(iter(train)))).backward()  # ... and training still backpropagates through the term
     assert fresh.item_text_query.weight.grad is not None
 
-    model.train()
     before = model.item_text_query.weight.detach().clone()
-    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    batch = next(iter(train))
-    losses = []
-    for _ in range(10):
-        loss = sum(model.calculate_loss(batch))
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
+    losses = _train_steps(model, next(iter(train)), 10)
     assert not torch.equal(model.item_text_query.weight, before) and losses[-1] < losses[0]
     assert not [k for k in model.state_dict() if "vectors" in k]  # rebuilt from the cache, not stored in checkpoints
     # the vectors on titles the tiny tokenizer knows (the fixture's titles are all unknown words to it)
