@@ -12,7 +12,8 @@ Every row trains to early stopping (``stopping_step`` on valid NDCG@10) unless t
 budget binds, which is the same for every non-LLM row; each row says which (``stopped_by``) and
 its budget. Time-ordered leave-one-out, full ranking. Columns: test / test_cold / test_new NDCG@10,
 Recall@10, HR@5 (mean ± std over seeds), the paired-bootstrap NDCG@10 difference to SASRec (95%
-interval, pooled over seeds), s/epoch, epochs, stopped_by, peak memory. Runs are resumable: rerun
+interval, pooled over seeds; ``--reference=SASRec,AlignSASRec``: a column per reference), s/epoch,
+epochs, stopped_by, peak memory. Runs are resumable: rerun
 the same command after a crash or with more ``--models`` / ``--seeds`` and finished runs are kept
 (``--fresh`` starts over). Per-user test metrics go to ``saved/leaderboard/<name>/`` (not results/).
 
@@ -63,6 +64,10 @@ LEVERS = [
     ("AlignLLMRec:no_llm_items", "AlignLLMRec", "no_llm_items", {"llm_item_scoring": True, "prompt_reader": "mlp"}),
     ("AlignLLMRec:lr_1e-3", "AlignLLMRec", "lr_1e-3", {"learning_rate": 0.001}),
     ("AlignLLMRec:no_llm_lr_1e-3", "AlignLLMRec", "no_llm_lr_1e-3", {"learning_rate": 0.001, "prompt_reader": "mlp"}),
+    # more honest samples: the backbone holds out each user's last 5 training targets (5x the stacking samples)
+    ("AlignLLMRec:holdout_5_lr_1e-3", "AlignLLMRec", "holdout_5_lr_1e-3", {"holdout_last_targets": 5, "learning_rate": 0.001}),
+    ("AlignLLMRec:no_llm_holdout_5_lr_1e-3", "AlignLLMRec", "no_llm_holdout_5_lr_1e-3",
+     {"holdout_last_targets": 5, "learning_rate": 0.001, "prompt_reader": "mlp"}),
 ]
 ALL_RUNS = STANDARD + LEVERS
 FEATURE_MODELS = ("SASRecF", "FDSA")
@@ -124,6 +129,9 @@ def field_use(name: str, config_files: list[str] | None, data_config: dict[str, 
         "AlignLLMRec:no_llm_items": "no_llm + llm_item_scoring (the titles' input embeddings, no LLM layers)",
         "AlignLLMRec:lr_1e-3": "learning_rate 1e-3 (default 1e-4)",
         "AlignLLMRec:no_llm_lr_1e-3": "no_llm, learning_rate 1e-3",
+        "AlignLLMRec:holdout_5_lr_1e-3": "holdout_last_targets 5 (its own backbone holds out 5 targets per user: 5x the "
+                                         "samples), learning_rate 1e-3",
+        "AlignLLMRec:no_llm_holdout_5_lr_1e-3": "no_llm, holdout_last_targets 5, learning_rate 1e-3",
         "AlignGenRec": f"item codes from AlignSASRec + text ({text}); SmolLM2-135M",
     }
     blocked = [] if usable else list(FEATURE_MODELS)
@@ -148,7 +156,9 @@ def main() -> None:
     parser.add_argument("--models", default=",".join(run for run, *_ in STANDARD),
                         help="comma list of run ids from: " + ", ".join(run for run, *_ in ALL_RUNS)
                         + " (the levers only when named)")
-    parser.add_argument("--reference", default="SASRec", help="model every other row is tested against")
+    parser.add_argument("--reference", default="SASRec",
+                        help="model (or Model:setting) every other row is tested against; comma list; the first is the primary "
+                        "(the ndcg@10_diff rows), each further R adds ndcg@10_diff_vs_R rows, a column and a table")
     parser.add_argument("--epochs", type=int, default=300, help="epoch cap of every non-LLM row (and of the LLM rows' backbone)")
     parser.add_argument("--stopping-step", type=int, default=10, help="RecBole's stopping_step (validations without gain)")
     parser.add_argument("--budget", type=float, default=None,

@@ -420,7 +420,7 @@ def compare(
     name: str | None = None,
     saved: bool = True,
     seeds: list[int] | None = None,
-    reference: str | None = None,
+    reference: str | list[str] | None = None,
     per_user_dir: str | Path | None = None,
     resume: bool = False,
     table: dict[str, Any] | None = None,
@@ -438,6 +438,9 @@ def compare(
     (a model name, or ``Model:setting``): every other model gets a paired bootstrap over test users
     of its NDCG@10 difference to it, pooled over seeds; each run's per-user test metrics are kept
     for it in ``per_user_dir`` (default ``<checkpoint_dir>/per_user/<name>``, outside the results).
+    Several references (a comma list or a list): the first is the primary one (rows ``ndcg@10_diff``
+    etc., as with one), each further ``R`` adds ``ndcg@10_diff_vs_R`` etc. and its own column and
+    table; a reference that is not among the compared models is skipped with a warning.
     ``resume``: runs already in ``<output_dir>/<name>.csv`` (same model, setting and seed) are not
     rerun but merged, as are that file's other runs. ``table``: keyword arguments for
     ``report.write_comparison`` (``preface``, ``metrics``, ``slice_metrics``, ``notes``).
@@ -497,8 +500,9 @@ def compare(
         write()  # partial results survive a crash
     if records:  # always: runs kept from the earlier file after the last new run are in no write yet
         write()
-    if reference and not any(r["model"] == reference.partition(":")[0] for r in records):
-        logging.getLogger(__name__).warning(f"reference {reference!r} is not among the compared models; no significance rows.")
+    for ref in report.parse_references(reference):
+        if not any(r["model"] == ref.partition(":")[0] for r in records):
+            logging.getLogger(__name__).warning(f"reference {ref!r} is not among the compared models; no significance rows.")
     logging.getLogger(__name__).info(f"comparison written to {output_dir / name}.md/.csv/.png")
     return records
 

@@ -20,6 +20,13 @@ bootstrap over test users of the NDCG@10 difference to it, pooled over seeds, ad
 interval; users resampled, each with their pairs from every seed: ``paired_bootstrap``)
 under the ``mean`` setting of each model (under its own setting when there are no seeds), for the
 splits ``test``, ``test_cold`` and ``test_new``.
+
+Several references (``reference="SASRec,AlignSASRec"`` or a list, each ``Model`` or ``Model:setting``):
+the first is the primary one and its rows keep the names above, so readers of one-reference files
+need no change; every further reference ``<R>`` adds the same rows, with the same settings and
+splits, named ``ndcg@10_diff_vs_<R>``, ``ndcg@10_diff_lo_vs_<R>`` and ``ndcg@10_diff_hi_vs_<R>``
+(``<R>`` as given, e.g. ``AlignSASRec:id_only``); the reference's own model has none of its rows.
+Readers tell all these rows from model metrics with ``is_diff_metric``.
 """
 
 from __future__ import annotations
@@ -45,6 +52,29 @@ RESULT_SPLITS = (("valid", "best_valid_result"), ("test", "test_result"), ("test
 AGGREGATES = ("mean", "std")
 DIFF_SUFFIXES = ("_diff", "_diff_lo", "_diff_hi")
 SIGNIFICANCE_SPLITS = ("test", "test_cold", "test_new")
+_DIFF_METRIC = re.compile(r"(.+?)(_diff(?:_lo|_hi)?)(?:_vs_(.+))?")  # the first "_diff" ends the metric: R may hold one
+
+
+def parse_references(reference: str | Iterable[str] | None) -> list[str]:
+    """The references of a comparison, primary first: a comma list or a list of ``Model[:setting]``, repeats dropped."""
+    if not reference:
+        return []
+    entries = [reference] if isinstance(reference, str) else list(reference)
+    return list(dict.fromkeys(part.strip() for entry in entries for part in entry.split(",") if part.strip()))
+
+
+def split_diff_metric(metric: str) -> tuple[str, str, str | None] | None:
+    """``(metric, suffix, reference)`` of a bootstrap row's metric (reference None for the primary one), else None.
+
+    ``ndcg@10_diff_lo`` -> ``("ndcg@10", "_diff_lo", None)``; ``ndcg@10_diff_vs_X:s`` -> ``("ndcg@10", "_diff", "X:s")``.
+    """
+    found = _DIFF_METRIC.fullmatch(metric)
+    return (found.group(1), found.group(2), found.group(3)) if found else None
+
+
+def is_diff_metric(metric: str) -> bool:
+    """Whether a CSV metric is a bootstrap row (against any reference) rather than a model's own metric."""
+    return split_diff_metric(metric) is not None
 
 
 def setting_label(setting: str, kind: str | None) -> str:
@@ -219,31 +249,36 @@ def write_text(path: Path, text: str) -> None:
 
 
 def write_comparison(records: list[dict[str, Any]], dataset: str, output_dir: Path, name: str,
-                     preface: str = "", reference: str | None = None, per_user_dir: Path | None = None,
+                     preface: str = "", reference: str | list[str] | None = None, per_user_dir: Path | None = None,
                      metrics: list[str] | None = None, notes: dict[tuple[str, str], str] | None = None,
                      slice_metrics: list[str] | None = None) -> None:
     """Write ``<name>.csv``, ``<name>.md`` and ``<name>.png`` under ``output_dir``.
 
     Records with a ``seed`` (several seeds) also get aggregate rows and a mean ± std table; with
-    ``reference`` (``Model`` or ``Model:setting``) and the runs' per-user files in ``per_user_dir``,
-    the paired-bootstrap rows and table (see the module docstring).
+    ``reference`` (``Model`` or ``Model:setting``, or several as a comma list or list, the first the
+    primary) and the runs' per-user files in ``per_user_dir``, the paired-bootstrap rows and one
+    table per reference (see the module docstring). A reference not among the records adds nothing.
     """
     output_dir = Path(output_dir)
     rows = [[*row[:-1], float(f"{row[-1]:.6g}")] for r in records for row in long_rows(r, dataset)]  # as the CSV holds them,
     seeded = any(r.get("seed") is not None for r in records)  # so tables re-rendered from the CSV come out the same
     if seeded:
         rows += aggregate_rows(rows)
-    significance = significance_rows(records, dataset, reference, Path(per_user_dir)) if reference and per_user_dir else []
+    references = parse_references(reference) if per_user_dir else []
+    significance = [row for index, ref in enumerate(references)
+                    for row in significance_rows(records, dataset, ref, Path(per_user_dir), secondary=index > 0)]
     rows += significance
     write_csv(rows, output_dir / f"{name}.csv")
     if seeded:
-        table = seeds_table(rows, metrics, notes, slice_metrics, reference) + "\n" + per_seed_table(rows, (metrics or ["ndcg@10"])[0])
+        table = seeds_table(rows, metrics, notes, slice_metrics, references) + "\n" + per_seed_table(rows, (metrics or ["ndcg@10"])[0])
         chart_records = records_from_rows(rows, aggregate="mean")
     else:
         table = markdown_table(records, metrics, notes, slice_metrics)
         chart_records = records
-    if significance:
-        table += "\n" + significance_table(significance, reference or "")
+    for index, ref in enumerate(references):
+        part = significance_table(significance, ref, primary=index == 0)
+        if part:
+            table += "\n" + part
     atomic_write_text(output_dir / f"{name}.md", f"# {name}\n\n{preface}{table}")
     bar_chart(chart_records, output_dir / f"{name}.png", f"{dataset}: test metrics" + (" (mean over seeds)" if seeded else ""))
 
@@ -270,7 +305,7 @@ def records_from_rows(rows: Iterable[Any], aggregate: str | None = None) -> list
         setting, kind = parse_setting_label(row["setting"])
         if (kind in AGGREGATES) != (aggregate is not None) or (aggregate is not None and kind != aggregate):
             continue
-        if row["metric"].endswith(DIFF_SUFFIXES):
+        if is_diff_metric(row["metric"]):
             continue
         seed = int(kind.removeprefix("seed_")) if kind and kind.startswith("seed_") else None
         record = records.setdefault((row["model"], setting, seed), {
@@ -310,7 +345,7 @@ def aggregate_rows(rows: Iterable[Any]) -> list[list[Any]]:
         setting, kind = parse_setting_label(row["setting"])
         if not (kind or "").startswith("seed_") or row["split"] == "valid_curve" or row["metric"] == "seed":
             continue
-        if row["metric"].endswith(DIFF_SUFFIXES):
+        if is_diff_metric(row["metric"]):
             continue
         block = groups.setdefault((row["dataset"], row["model"], setting), {})
         block.setdefault((row["split"], row["metric"]), []).append(float(row["value"]))
@@ -371,8 +406,11 @@ def _flags(table: dict[str, np.ndarray], split: str) -> np.ndarray:
 
 
 def significance_rows(records: list[dict[str, Any]], dataset: str, reference: str, per_user_dir: Path,
-                      metric: str | None = None, n_boot: int = 10000) -> list[list[Any]]:
+                      metric: str | None = None, n_boot: int = 10000, secondary: bool = False) -> list[list[Any]]:
     """Paired-bootstrap rows (``<metric>_diff``, ``_diff_lo``, ``_diff_hi``) of every model against ``reference``.
+
+    ``secondary``: a further reference of the comparison, its rows named ``<metric>_diff_vs_<reference>`` etc.
+    so they sit next to the primary reference's rows in one CSV; the values are the same as if it were primary.
 
     ``metric`` defaults to ``ndcg@10``, or the first NDCG column when the runs did not compute @10.
 
@@ -392,6 +430,7 @@ def significance_rows(records: list[dict[str, Any]], dataset: str, reference: st
             if path.is_file():
                 tables[(model, setting, record_seed(record))] = read_per_user(path)
     rows: list[list[Any]] = []
+    vs = f"_vs_{reference}" if secondary else ""
     reference_tables = [t for (m, st, _), t in tables.items() if (m, st) == (ref_model, ref_setting)]
     if metric is None and reference_tables:
         columns = [c for c in reference_tables[0] if c.startswith("ndcg@")]
@@ -416,8 +455,8 @@ def significance_rows(records: list[dict[str, Any]], dataset: str, reference: st
             if not users or sum(len(u) for u in users) == 0:
                 continue
             mean, low, high, _ = paired_bootstrap(np.concatenate(users), np.concatenate(differences), n_boot)
-            rows += [[dataset, model, label, split, f"{metric}_diff", mean], [dataset, model, label, split, f"{metric}_diff_lo", low],
-                     [dataset, model, label, split, f"{metric}_diff_hi", high]]
+            rows += [[dataset, model, label, split, f"{metric}{suffix}{vs}", value]
+                     for suffix, value in zip(DIFF_SUFFIXES, (mean, low, high))]
     return rows
 
 
@@ -425,15 +464,16 @@ def _verdict(low: float, high: float) -> str:
     return "significant" if low > 0 or high < 0 else "within noise"
 
 
-def significance_table(rows: Iterable[Any], reference: str) -> str:
-    """One line per (model, setting, split) of bootstrap rows: difference, 95% interval, verdict."""
-    found: dict[tuple[str, str, str], dict[str, float]] = {}
+def significance_table(rows: Iterable[Any], reference: str, primary: bool = True) -> str:
+    """One line per (model, setting, split) of the bootstrap rows against ``reference``: difference, 95% interval,
+    verdict. ``primary``: its rows are the unmarked ``_diff`` ones, else the ``_vs_<reference>`` ones."""
+    found: dict[tuple[str, str, str], dict[str, Any]] = {}
     for row in _row_dicts(rows):
-        for suffix in ("_diff_lo", "_diff_hi", "_diff"):
-            if row["metric"].endswith(suffix):
-                key = (row["model"], row["setting"], row["split"])
-                found.setdefault(key, {"metric": row["metric"].removesuffix(suffix)})[suffix] = float(row["value"])
-                break
+        parts = split_diff_metric(row["metric"])
+        if parts is None or parts[2] != (None if primary else reference):
+            continue
+        key = (row["model"], row["setting"], row["split"])
+        found.setdefault(key, {"metric": parts[0]})[parts[1]] = float(row["value"])
     if not found:
         return ""
     metric = next(iter(found.values()))["metric"]
@@ -446,9 +486,10 @@ def significance_table(rows: Iterable[Any], reference: str) -> str:
 
 
 def seeds_table(rows: Iterable[Any], metrics: list[str] | None = None, notes: dict[tuple[str, str], str] | None = None,
-                slice_metrics: list[str] | None = None, reference: str | None = None) -> str:
+                slice_metrics: list[str] | None = None, reference: str | list[str] | None = None) -> str:
     """One row per (model, setting): mean ± std over seeds of the test and slice metrics and of the cost,
-    how each seed stopped, and the bootstrap difference of the test metric to ``reference``."""
+    how each seed stopped, and the bootstrap difference of the test metric to each ``reference`` that has
+    rows (a column each, the primary first; ``parse_references`` spells them)."""
     rows = _row_dicts(rows)
     means = {(r["model"], r["setting"]): r for r in records_from_rows(rows, aggregate="mean")}
     stds = {(r["model"], r["setting"]): r for r in records_from_rows(rows, aggregate="std")}
@@ -457,15 +498,23 @@ def seeds_table(rows: Iterable[Any], metrics: list[str] | None = None, notes: di
     metrics = metrics or _ordered_metrics(first["result"].get("test_result") or {})
     slice_metrics = slice_metrics or metrics[:2]
     slices = _slice_columns(list(means.values()), slice_metrics)
-    diffs = {(r["model"], parse_setting_label(r["setting"])[0], r["metric"]): float(r["value"]) for r in rows
-             if r["split"] == "test" and r["metric"].endswith(DIFF_SUFFIXES)}
-    diff_metric = next((m.removesuffix("_diff") for _, _, m in diffs if m.endswith("_diff")), "ndcg@10")
+    diffs: dict[str | None, dict[tuple[str, str, str], float]] = {}  # reference (None: primary) -> (model, setting, metric)
+    diff_metrics: dict[str | None, str] = {}  # the first metric with a difference row, per reference
+    for row in rows:
+        parts = split_diff_metric(row["metric"]) if row["split"] == "test" else None
+        if parts is not None:
+            key = (row["model"], parse_setting_label(row["setting"])[0], parts[0] + parts[1])
+            diffs.setdefault(parts[2], {})[key] = float(row["value"])
+            if parts[1] == "_diff":
+                diff_metrics.setdefault(parts[2], parts[0])
+    keyed = [(ref, None if index == 0 else ref) for index, ref in enumerate(parse_references(reference))]
+    columns = [(ref, key) for ref, key in keyed if diffs.get(key)]  # (as titled, key in diffs) of references with rows
     budgets = any(r["cost"].get("train_time_budget") for r in means.values())
     backbones = any(r["result"].get("backbone_test_result") for r in means.values())
     header = (["model", "setting", "seeds"] + [f"test {m}" for m in metrics]
               + [f"{label} {m}" for _, label, ms in slices for m in ms + ["users"]]
               + ([f"own backbone test {metrics[0]} (ratio)"] if backbones else [])
-              + ([f"test {diff_metric} - {reference} [95%]"] if reference and diffs else [])
+              + [f"test {diff_metrics.get(key, 'ndcg@10')} - {ref} [95%]" for ref, key in columns]
               + ["s/epoch", "epochs", "stopped_by"] + (["budget s"] if budgets else []) + ["peak MB"] + (["notes"] if notes else []))
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
 
@@ -494,8 +543,8 @@ def seeds_table(rows: Iterable[Any], metrics: list[str] | None = None, notes: di
         if backbones:
             cells.append(backbone_cell((record["result"].get("test_result") or {}).get(metrics[0]),
                                        (record["result"].get("backbone_test_result") or {}).get(metrics[0])))
-        if reference and diffs:
-            found = [diffs.get((model, setting, f"{diff_metric}{suffix}")) for suffix in DIFF_SUFFIXES]
+        for _, ref_key in columns:
+            found = [diffs[ref_key].get((model, setting, f"{diff_metrics.get(ref_key, 'ndcg@10')}{suffix}")) for suffix in DIFF_SUFFIXES]
             cells.append("-" if None in found else f"{found[0]:+.4f} [{found[1]:+.4f}, {found[2]:+.4f}] {_verdict(found[1], found[2])}")
         cells += [cost_cell(key, "sec_per_epoch", 1), cost_cell(key, "epochs", 1), stopped]
         cells += [budget_cell(record["cost"])] if budgets else []

@@ -284,19 +284,23 @@ def test_paired_bootstrap_matches_a_hand_computation():
     assert (high - low) == pytest.approx(2 * 1.96 / math.sqrt(4000), rel=0.1) and low < mean < high
 
 
+def _per_user_files(per_user: Path, scores: dict[tuple[str, str, int], dict[str, tuple[float, int]]]) -> list[dict]:
+    """Per-user files of ``(model, setting, seed) -> {user: (ndcg@10, test_new flag)}`` and a record per run."""
+    per_user.mkdir(exist_ok=True)
+    for (model, setting, seed), table in scores.items():
+        lines = ["user,ndcg@10,test_cold,test_new"] + [f"{u},{v},0,{flag}" for u, (v, flag) in table.items()]
+        report.per_user_path(per_user, model, setting, seed).write_text("\n".join(lines) + "\n")
+    return [_record(m, st, s, 0.0, 1) for m, st, s in scores]
+
+
 def test_significance_rows_pair_users_per_seed_and_restrict_slices(tmp_path):
     per_user = tmp_path / "per_user"
-    scores = {  # (model, seed) -> {user: (ndcg@10, test_new flag)}
-        ("SASRec", 1): {"u1": (0.5, 0), "u2": (0.0, 1), "u3": (1.0, 1)},
-        ("SASRecF", 1): {"u1": (0.6, 0), "u2": (0.3, 1), "u3": (1.0, 1), "u9": (1.0, 0)},  # u9: not paired
-        ("SASRec", 2): {"u1": (0.4, 1), "u2": (0.2, 0), "u3": (0.8, 0)},
-        ("SASRecF", 2): {"u1": (0.4, 1), "u2": (0.5, 0), "u3": (0.9, 0)},
-    }
-    for (model, seed), table in scores.items():
-        per_user.mkdir(exist_ok=True)
-        lines = ["user,ndcg@10,test_cold,test_new"] + [f"{u},{v},0,{flag}" for u, (v, flag) in table.items()]
-        report.per_user_path(per_user, model, "default", seed).write_text("\n".join(lines) + "\n")
-    records = [_record(m, "default", s, 0.0, 1) for m, s in scores]
+    records = _per_user_files(per_user, {
+        ("SASRec", "default", 1): {"u1": (0.5, 0), "u2": (0.0, 1), "u3": (1.0, 1)},
+        ("SASRecF", "default", 1): {"u1": (0.6, 0), "u2": (0.3, 1), "u3": (1.0, 1), "u9": (1.0, 0)},  # u9: not paired
+        ("SASRec", "default", 2): {"u1": (0.4, 1), "u2": (0.2, 0), "u3": (0.8, 0)},
+        ("SASRecF", "default", 2): {"u1": (0.4, 1), "u2": (0.5, 0), "u3": (0.9, 0)},
+    })
     rows = report.significance_rows(records, "toy", "SASRec", per_user, n_boot=300)
     found = {(r[1], r[2], r[3], r[4]): r[5] for r in rows}
     test_users = ["u1", "u2", "u3", "u1", "u2", "u3"]
@@ -307,6 +311,80 @@ def test_significance_rows_pair_users_per_seed_and_restrict_slices(tmp_path):
     assert found[("SASRecF", "mean", "test_new", "ndcg@10_diff")] == pytest.approx(new[0])
     assert ("SASRecF", "mean", "test_cold", "ndcg@10_diff") not in found  # nobody in that slice
     assert not any(key[0] == "SASRec" for key in found)  # the reference is not tested against itself
+
+
+def _three_models(per_user: Path) -> list[dict]:
+    """SASRec, SASRecF (varied gains) and AlignSASRec:id_only (SASRec minus exactly 0.1 for every user), two seeds."""
+    base = {1: [0.5, 0.2, 0.9, 0.6, 0.3, 0.7], 2: [0.4, 0.8, 0.3, 0.5, 0.6, 0.2]}
+    gain = [0.2, -0.1, 0.0, 0.3, 0.1, -0.2]
+    scores = {}
+    for seed, values in base.items():
+        flags = [(i + seed) % 2 for i in range(len(values))]  # a test_new slice of half the users
+        scores[("SASRec", "default", seed)] = {f"u{i}": (v, f) for i, (v, f) in enumerate(zip(values, flags))}
+        scores[("SASRecF", "default", seed)] = {f"u{i}": (v + g, f) for i, (v, g, f) in enumerate(zip(values, gain, flags))}
+        scores[("AlignSASRec", "id_only", seed)] = {f"u{i}": (round(v - 0.1, 4), f) for i, (v, f) in enumerate(zip(values, flags))}
+    return _per_user_files(per_user, scores)
+
+
+def _seeds_columns(markdown: str) -> dict[tuple[str, str], dict[str, str]]:
+    """The first table of a comparison's Markdown (the seeds table) as (model, setting) -> {header: cell}."""
+    lines = [line for line in markdown.splitlines() if line.startswith("|")]
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    table = {}
+    for line in lines[2:]:
+        if line.startswith("|---"):
+            break
+        cells = dict(zip(header, (c.strip() for c in line.strip("|").split("|"))))
+        table[(cells["model"], cells["setting"])] = cells
+    return table
+
+
+def test_further_references_add_vs_rows_equal_to_their_own_primary_run(tmp_path):
+    per_user = tmp_path / "per_user"
+    records = _three_models(per_user)
+    out = {}
+    for label, reference in (("multi", "SASRec, AlignSASRec:id_only,Nope"), ("listed", ["SASRec", "AlignSASRec:id_only", "Nope"]),
+                             ("sasrec", "SASRec"), ("id_only", "AlignSASRec:id_only")):
+        report.write_comparison(records, "toy", tmp_path / label, "cmp", reference=reference, per_user_dir=per_user)
+        out[label] = ((tmp_path / label / "cmp.csv").read_text().splitlines(), (tmp_path / label / "cmp.md").read_text())
+    multi, markdown = out["multi"]
+    assert out["listed"] == out["multi"]  # a list is the same as a comma string
+    vs = "_vs_AlignSASRec:id_only"
+    # the primary rows, and everything else, are exactly the one-reference file; the further reference adds only _vs_ rows
+    assert [line for line in multi if vs not in line] == out["sasrec"][0]
+    assert not any("_vs_Nope" in line or "Nope" in line for line in multi)  # unknown: no rows, no crash
+    # the _vs_ rows are the rows of a run with AlignSASRec:id_only as its one (primary) reference
+    assert [line.replace(vs, "") for line in multi if vs in line] == [line for line in out["id_only"][0] if "_diff" in line]
+    value = {tuple(line.split(",")[1:5]): float(line.split(",")[5]) for line in multi[1:]}
+    assert [value[("SASRec", "mean", "test", f"ndcg@10{s}{vs}")] for s in report.DIFF_SUFFIXES] == pytest.approx([0.1] * 3)
+    assert ("AlignSASRec", "id_only/mean", "test", f"ndcg@10_diff{vs}") not in value  # not against itself
+    assert value[("SASRecF", "mean", "test_new", f"ndcg@10_diff{vs}")] == pytest.approx(0.1 + np.mean([0.2, 0.3, -0.2, -0.1, 0.0, 0.1]))
+    # one seeds-table column per reference, primary first, and no other column; a reference's own row shows "-"
+    table = _seeds_columns(markdown)
+    header = list(_seeds_columns(out["sasrec"][1])[("SASRec", "default")])
+    diff_columns = ["test ndcg@10 - SASRec [95%]", "test ndcg@10 - AlignSASRec:id_only [95%]"]
+    at = header.index(diff_columns[0]) + 1
+    assert list(table[("SASRec", "default")]) == header[:at] + diff_columns[1:] + header[at:]
+    assert table[("SASRec", "default")][diff_columns[0]] == "-" and table[("AlignSASRec", "id_only")][diff_columns[1]] == "-"
+    assert table[("SASRec", "default")][diff_columns[1]] == "+0.1000 [+0.1000, +0.1000] significant"
+    assert table[("AlignSASRec", "id_only")][diff_columns[0]] == "-0.1000 [-0.1000, -0.1000] significant"
+    assert [c for c in _seeds_columns(out["sasrec"][1])[("SASRec", "default")] if c.startswith("test ndcg@10 - ")] == diff_columns[:1]
+    # a significance table per reference that has rows; the primary's is the one-reference table
+    assert markdown.count("Paired bootstrap over test users") == 2 and "difference to Nope" not in markdown
+    primary = out["sasrec"][1].split("Paired bootstrap over test users")[1]
+    assert "Paired bootstrap over test users" + primary in markdown
+    assert "difference to AlignSASRec:id_only (pooled over seeds" in out["id_only"][1].split("Test ndcg@10 per seed")[1]
+    assert out["id_only"][1].split("Paired bootstrap over test users")[1] == markdown.split("Paired bootstrap over test users")[2]
+    # without seeds the rows sit under the runs' own settings: resume still reads back only the runs
+    for record in records:
+        if record["seed"] == 1:
+            source = report.per_user_path(per_user, record["model"], record["setting"], 1)
+            report.per_user_path(per_user, record["model"], record["setting"], None).write_text(source.read_text())
+    single = [{**r, "seed": None, "cost": {**r["cost"], "seed": None}} for r in records if r["seed"] == 1]
+    for label, reference in (("plain_multi", "SASRec,AlignSASRec:id_only"), ("plain", "SASRec")):
+        report.write_comparison(single, "toy", tmp_path / label, "cmp", reference=reference, per_user_dir=per_user)
+    assert f"toy,SASRec,default,test,ndcg@10_diff{vs},0.1" in (tmp_path / "plain_multi" / "cmp.csv").read_text().splitlines()
+    assert report.records_from_csv(tmp_path / "plain_multi" / "cmp.csv") == report.records_from_csv(tmp_path / "plain" / "cmp.csv")
 
 
 def test_compare_runs_every_seed_writes_aggregates_and_bootstrap_and_resumes(cyclic_dataset, tmp_path):
