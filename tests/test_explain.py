@@ -20,6 +20,7 @@ from recbole_llmalign.llm.explain import (
     display_title,
     gather_evidence,
     infer_field_kind,
+    name_tokens,
     nearest_history,
     repeated_phrase,
     short_title,
@@ -224,3 +225,36 @@ def test_perplexity_pools_tokens_over_sentences_of_any_length(tiny_llama_dir):
     expected = math.exp(sum(math.log(alone[t]) * counts[t] for t in counts) / sum(counts.values()))
     assert pooled == pytest.approx(expected, rel=1e-4)
     assert alone[short] != pytest.approx(alone[long])
+
+
+class _Vocabulary:
+    """Just the two tokenizer calls ``name_tokens`` makes, over a fixed vocabulary."""
+
+    def __init__(self, pieces: list[str]) -> None:
+        self.pieces = pieces
+
+    def __len__(self) -> int:
+        return len(self.pieces)
+
+    def convert_ids_to_tokens(self, ids: list[int]) -> list[str]:
+        return [self.pieces[i] for i in ids]
+
+    def convert_tokens_to_string(self, tokens: list[str]) -> str:
+        return "".join(tokens)
+
+
+def test_name_tokens_are_cached_per_tokenizer_object_and_released_with_it() -> None:
+    import gc
+
+    from recbole_llmalign.llm import explain
+
+    first, second = _Vocabulary(["the", " Fargo", "7", "cat"]), _Vocabulary([" Star", "wars", " Trek"])
+    ids, texts = name_tokens(first)
+    assert ids.tolist() == [1, 2] and texts == ["Fargo", "7"]
+    assert name_tokens(first)[0] is ids  # cached
+    ids, texts = name_tokens(second)
+    assert ids.tolist() == [0, 2] and texts == ["Star", "Trek"]
+    cached = len(explain._name_tokens)
+    del first
+    gc.collect()
+    assert len(explain._name_tokens) == cached - 1  # no stale entry a new tokenizer at the same address could read

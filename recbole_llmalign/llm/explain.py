@@ -595,18 +595,18 @@ class NoNewNames:
         return scores
 
 
-_name_tokens: dict[int, tuple[torch.Tensor, list[str]]] = {}
+# keyed by the tokenizer object itself (not its id(), which a later tokenizer may reuse), dropped with it
+_name_tokens: weakref.WeakKeyDictionary[Any, tuple[torch.Tensor, list[str]]] = weakref.WeakKeyDictionary()
 
 
 def name_tokens(tokenizer: Any) -> tuple[torch.Tensor, list[str]]:
     """(ids, texts without leading space) of the tokens that start a capitalised word or a number, once per tokenizer."""
-    key = id(tokenizer)
-    if key not in _name_tokens:
+    if tokenizer not in _name_tokens:
         pieces = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
         texts = [tokenizer.convert_tokens_to_string([p]).strip() if p is not None else "" for p in pieces]
         chosen = [i for i, t in enumerate(texts) if t[:1].isupper() or t[:1].isdigit()]
-        _name_tokens[key] = (torch.tensor(chosen, dtype=torch.long, device=HOST), [texts[i] for i in chosen])
-    return _name_tokens[key]
+        _name_tokens[tokenizer] = (torch.tensor(chosen, dtype=torch.long, device=HOST), [texts[i] for i in chosen])
+    return _name_tokens[tokenizer]
 
 
 class LLMWriter:
