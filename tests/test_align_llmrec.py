@@ -207,7 +207,7 @@ def test_llm_item_scoring_starts_at_the_backbone_ranking_learns_and_caches_the_i
     score term starts at zero, so the untrained model ranks exactly as without it, and it trains."""
     import logging
 
-    from recbole_llmalign.llm.item_vectors import mean_hidden_states
+    from recbole_llmalign.llm.item_vectors import cached_item_vectors, mean_hidden_states
 
     cache = str(tmp_path / "llm_cache")
     _, plain, (train, _, test) = _build(trained_backbone, tiny_llama_dir)
@@ -218,6 +218,20 @@ def test_llm_item_scoring_starts_at_the_backbone_ranking_learns_and_caches_the_i
     messages = [r.getMessage() for r in caplog.records if "LLM item vectors" in r.getMessage()]
     assert "(encoded)" in messages[0] and "(cache hit)" in messages[1]
     assert torch.equal(vectors, cached) and model.item_text_vectors() is vectors  # once per model
+    known = [[], [5, 6], [9, 11], [7]]  # words the tiny tokenizer knows
+
+    def read(decoder: torch.nn.Module) -> tuple[torch.Tensor, str]:
+        caplog.clear()
+        with caplog.at_level(logging.INFO):
+            found = cached_item_vectors(decoder, known, model.pad_id, cache, "fixture", "same/path (float32)", 3)
+        return found, next(r.getMessage() for r in caplog.records if "LLM item vectors" in r.getMessage())
+
+    first, _ = read(again.decoder)
+    with torch.no_grad():  # other weights under the same LLM path and name: the key changes, the vectors are recomputed
+        again.decoder.layers[0].mlp.down_proj.weight.add_(0.05)
+    changed, message = read(again.decoder)
+    assert "(encoded)" in message and not torch.allclose(changed, first)
+    assert "(cache hit)" in read(again.decoder)[1]
     assert vectors.shape == (model.n_items, model.llm_hidden_size)
     assert not vectors[0].any() and vectors[1:].abs().sum(1).gt(0).all()  # padding row only
     interaction = next(iter(test))[0]

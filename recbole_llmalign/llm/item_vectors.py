@@ -6,11 +6,14 @@ backbone knows little about (cold, or new under the new-item protocol) is ranked
 alone. Here the (frozen, cut) LLM reads each item's prompt text once; the mean of its last hidden
 states over the text's tokens is that item's vector. One pass per item, batched, under inference
 mode; the result is stored with ``EmbeddingCache`` (atomic write, checksum verified on load),
-keyed by the LLM, its depth and the exact token ids, so a changed title or model recomputes it.
+keyed by the LLM's name, a fingerprint of its weights, its depth and the exact token ids, so a
+changed title, a changed model or other weights under the same path (a re-converted or edited
+local folder) recomputes it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from typing import Any, Sequence
@@ -50,11 +53,26 @@ def mean_hidden_states(decoder: Any, token_rows: Sequence[Sequence[int]], pad_id
     return out
 
 
+def weights_fingerprint(module: torch.nn.Module, samples: int = 1024) -> str:
+    """A short hash of ``module``'s weights: every parameter's name, dtype and shape and ``samples``
+    evenly strided values of it, so two LLMs with the same path but other weights get other keys
+    (reading every value of a 135M-parameter model would cost more than the cache saves)."""
+    digest = hashlib.sha256()
+    for name, parameter in module.named_parameters():
+        digest.update(f"{name}|{parameter.dtype}|{tuple(parameter.shape)}".encode())
+        if parameter.numel() and not parameter.is_meta:
+            flat = parameter.detach().reshape(-1)
+            values = flat[::max(1, flat.numel() // samples)].float().cpu().numpy()
+            digest.update(values.tobytes())
+    return digest.hexdigest()[:16]
+
+
 def cached_item_vectors(decoder: Any, token_rows: Sequence[Sequence[int]], pad_id: int, cache_dir: str,
                         dataset: str, llm_source: str, llm_layers: int) -> torch.Tensor:
     """[N, D] LLM vectors of the items' text (see module docstring), from the cache when it holds them."""
     started = time.perf_counter()
-    key = cache_key(kind="llm_items", dataset=dataset, llm=llm_source, layers=llm_layers, tokens=[list(r) for r in token_rows])
+    key = cache_key(kind="llm_items", dataset=dataset, llm=llm_source, weights=weights_fingerprint(decoder), layers=llm_layers,
+                    tokens=[list(r) for r in token_rows])
     arrays, hit = EmbeddingCache(cache_dir).get_or_build(
         f"{dataset}-llm-items", key, lambda: {"embedding": mean_hidden_states(decoder, token_rows, pad_id)})
     logger.info(f"LLM item vectors for {dataset}: {len(token_rows) - 1} items, {llm_layers} layers"
