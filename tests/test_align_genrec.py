@@ -247,3 +247,39 @@ def test_topk_cache_round_trip_and_stale_cache_refused(trained_backbone, tiny_ll
     with pytest.raises(ValueError, match="another format"):
         TopKCache(older, model_file=cost.checkpoint)
     assert not list(Path(tmp_path).glob("*.tmp"))
+
+
+def test_items_the_training_split_never_shows_are_coded_from_their_text(trained_backbone, tiny_llama_dir):
+    """An untrained item's random ID row never reaches the tokenizer: its ID half is read off the trained
+    items with the closest text, so its code is the same whatever that row holds, and it can be generated."""
+    import torch.nn.functional as F
+
+    from recbole_llmalign.data.item_text import training_pairs
+    from recbole_llmalign.model.align_genrec import text_only_item_vectors
+
+    ids = torch.tensor([[2.0, 0.0], [0.0, 2.0], [-2.0, 0.0], [5.0, 5.0]])
+    fused = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0], [0.1, 1.0]])  # item 3 reads like item 1, then item 0
+    trained = torch.tensor([True, True, True, False])
+    out = text_only_item_vectors(ids, fused, trained, neighbours=1)
+    assert torch.equal(out[:3], ids[:3])  # trained rows untouched
+    assert torch.allclose(out[3], torch.tensor([0.0, 2.0]))  # item 1's direction, at the trained rows' mean norm
+    noisy = ids.clone()
+    noisy[3] = torch.tensor([-7.0, 3.0])
+    assert torch.equal(text_only_item_vectors(noisy, fused, trained, neighbours=1), out)
+    assert torch.allclose(text_only_item_vectors(ids, fused, trained, neighbours=2)[3],
+                          F.normalize(torch.tensor([1.0, 1.0]), dim=0) * 2)  # the mean of the two nearest
+
+    rows = [torch.randn(16, generator=torch.Generator().manual_seed(s)) * 5 for s in (1, 2)]  # two random ID rows
+    built = []
+    for row in rows:
+        config, model, (train, _, _) = _build(trained_backbone, tiny_llama_dir, fit=False)
+        seen = {item for _, item in training_pairs(train._dataset)}
+        assert model.trained_items.nonzero().squeeze(1).tolist() == sorted(seen - {0})
+        model.trained_items[7] = False  # as if the training split never showed item 7
+        with torch.no_grad():
+            model.backbone.item_embedding.weight[7] = row
+        model.fit_item_tokenizer(config)
+        built.append(model)
+    assert built[0].cost_report["tokenizer_text_only_items"] == 1
+    assert torch.equal(built[0].item_codes[7], built[1].item_codes[7])  # its code follows from its text alone
+    assert built[0].trie.items(built[0].item_codes[7:8]).tolist() == [7]  # a full code of the trie: it can be generated

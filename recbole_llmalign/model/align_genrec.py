@@ -8,7 +8,11 @@ LC-Rec (sequential, alignment and query tasks over item indices) as references.
    quantized by L residual codebooks aligned to the LLM's embedding of the item title
    (``llm/codebook.py``); codes are unique and saved in the checkpoint (``item_codes``,
    ``code_level_sizes``). The tokenizer is fitted once by ``AlignGenRecTrainer`` before training
-   (``fit_item_tokenizer``); a loaded checkpoint installs its own codes and never refits.
+   (``fit_item_tokenizer``); a loaded checkpoint installs its own codes and never refits. An item
+   the training split never shows (new under ``new_item_ratio``, or only in valid/test) has an
+   untrained, random ID row, so its ID half is replaced by the mean ID vector of the
+   ``codebook_text_neighbours`` trained items closest to it by fused text: its code then follows
+   from its text alone (``text_only_item_vectors``), and the trie lets it be generated.
 2. The L x K code tokens are added to the tokenizer and get their own trainable embedding rows
    (the LLM's vocabulary extended without copying or touching its frozen rows), initialised at
    the LLM embedding centroid of the items carrying each code. The code rows also act as the
@@ -40,6 +44,39 @@ from recbole_llmalign.model.abstract_recommender import FrozenBackboneLLMRecomme
 USER_TOKEN = -1  # placeholder id: its input embedding is the projected AlignSASRec sequence vector
 
 
+def training_items(train_dataset: Any, n_items: int) -> torch.Tensor:
+    """[N] bool: the items the training split shows, as a target or in a history (whose backbone ID row was trained)."""
+    inter = train_dataset.inter_feat
+    found = [inter[train_dataset.iid_field]]
+    list_field = getattr(train_dataset, "item_id_list_field", None)
+    if list_field is not None and list_field in inter:
+        found.append(inter[list_field].reshape(-1))
+    seen = torch.zeros(n_items, dtype=torch.bool, device=HOST)
+    seen[torch.cat([f.to(HOST) for f in found]).unique()] = True
+    seen[0] = False  # padding (history slots): not an item
+    return seen
+
+
+def text_only_item_vectors(ids: torch.Tensor, fused: torch.Tensor, trained: torch.Tensor, neighbours: int) -> torch.Tensor:
+    """``ids`` [N, C] with every untrained row (``trained`` [N] False) replaced by the mean of the
+    (unit) ID rows of its ``neighbours`` trained items closest by cosine of ``fused`` text [N, C'].
+
+    An item the training split never shows keeps its random initial ID row in the backbone; coding
+    that noise would give it an arbitrary code. Its text is all that is known about it, so its ID
+    half is read off the trained items whose text is most like its own.
+    """
+    untrained = torch.nonzero(~trained).squeeze(1)
+    known = torch.nonzero(trained).squeeze(1)
+    if len(untrained) == 0 or len(known) == 0 or neighbours <= 0:
+        return ids
+    text = F.normalize(fused, dim=-1)
+    similarity = text[untrained] @ text[known].T  # [U, K]
+    nearest = known[similarity.topk(min(neighbours, len(known)), dim=1).indices]  # [U, k]
+    out = ids.clone()
+    out[untrained] = F.normalize(F.normalize(ids, dim=-1)[nearest].mean(1), dim=-1) * ids[known].norm(dim=-1).mean()
+    return out
+
+
 class AlignGenRec(FrozenBackboneLLMRecommender):
     """Codebook-tokenized generative recommender (see module docstring)."""
 
@@ -69,6 +106,8 @@ class AlignGenRec(FrozenBackboneLLMRecommender):
         self.register_buffer("code_level_sizes", torch.zeros(0, dtype=torch.long))
         self.register_buffer("code_level", torch.zeros(0, dtype=torch.long), persistent=False)  # level of each code row
         self.codebook_size = int(config["codebook_size"])
+        self.text_neighbours = int(config["codebook_text_neighbours"])
+        self.register_buffer("trained_items", training_items(dataset, self.n_items), persistent=False)
         self.register_parameter("code_embeddings", None)  # [total codes, H], made by install_codes
         self.cost_report: dict[str, float] = {}  # tokenizer report rows for the run's CSV, set when fitted
 
@@ -119,6 +158,9 @@ class AlignGenRec(FrozenBackboneLLMRecommender):
         with torch.no_grad():
             ids = self.backbone.item_embedding.weight.detach()
             fused = self.backbone.fused_text()[0].detach() if self.backbone.uses_text else ids
+            trained = self.trained_items[1:].to(ids.device)  # row 0 is padding: never coded, never a neighbour
+            if self.backbone.uses_text:  # untrained items: the ID half from their text (see text_only_item_vectors)
+                ids = torch.cat([ids[:1], text_only_item_vectors(ids[1:], fused[1:], trained, self.text_neighbours)])
         vectors = torch.cat([F.normalize(ids, dim=-1), F.normalize(fused, dim=-1)], dim=1)[1:].cpu()
         title_rows, has_title = self._title_embeddings()
         result = fit_codebook(
@@ -130,6 +172,7 @@ class AlignGenRec(FrozenBackboneLLMRecommender):
         report = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in result.report.items())
         self.logger.info(f"AlignGenRec item tokenizer: {report}")
         self.cost_report = {f"tokenizer_{k}": float(v) for k, v in result.report.items()}  # benchmark CSV rows
+        self.cost_report["tokenizer_text_only_items"] = float((~trained).sum()) if self.backbone.uses_text else 0.0
         codes = torch.zeros(self.n_items, len(result.codes_per_level), dtype=torch.long, device=HOST)
         codes[1:] = result.codes
         self.install_codes(codes, result.codes_per_level)
