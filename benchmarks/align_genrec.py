@@ -3,7 +3,9 @@
 Rows (``setting``): SASRec (RecBole defaults, prefix augmentation, time budget), AlignSASRec
 ``default`` (all_positions), AlignGenRec ``default`` and its ablations ``no_llm_align`` (item
 tokenizer without the loss that aligns codes to the LLM's title embeddings) and ``levels3``
-(L = 3 instead of 4). Metrics: HR@5, NDCG@5, HR@10, NDCG@10 (full ranking; generated items get
+(L = 3 instead of 4); named with ``--ablations``: each task left out (``no_sequential``,
+``no_text_align``, ``no_query``, ``no_negative``), ``no_user_token``, and ``scratch``, the same
+code model with fresh weights, all trained (the TIGER-style baseline). Metrics: HR@5, NDCG@5, HR@10, NDCG@10 (full ranking; generated items get
 their beam log-probability, the rest a floor). Users may be subsampled (``--users``) so the LLM's
 training and per-user beam search fit a CPU budget; every model sees the same subsample and split.
 
@@ -27,11 +29,21 @@ from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
-ABLATIONS = {
+TASKS = {"sequential": 1.0, "title_to_code": 0.15, "code_to_title": 0.15, "query": 0.1, "negative": 0.2}  # AlignGenRec.yaml
+ABLATIONS = {  # --ablations: default, no_llm_align, levels3 unless named
     "default": {},
-    "no_llm_align": {"codebook_llm_align_weight": 0.0},
+    "no_llm_align": {"codebook_llm_align_weight": 0.0},  # item tokenizer without the pull towards the LLM's title embedding
     "levels3": {"codebook_levels": 3},
+    # each task left out of the mixture (the text alignment task is its two directions)
+    "no_sequential": {"task_weights": {**TASKS, "sequential": 0.0}},
+    "no_text_align": {"task_weights": {**TASKS, "title_to_code": 0.0, "code_to_title": 0.0}},
+    "no_query": {"task_weights": {**TASKS, "query": 0.0}},
+    "no_negative": {"task_weights": {**TASKS, "negative": 0.0}},
+    "no_user_token": {"use_user_token": False},
+    # the TIGER-style baseline: the same code model with fresh weights, all trained (what the pretrained LLM gives)
+    "scratch": {"llm_init": "scratch", "lora_r": 0},
 }
+DEFAULT_ABLATIONS = "default,no_llm_align,levels3"
 
 PLUGIN_DATASET_YAML = Path(__file__).resolve().parents[1] / "recbole_llmalign" / "properties" / "dataset"
 DATASETS = {  # per dataset: settings its plugin YAML would give (subsamples get another name, so they are passed here)
@@ -156,7 +168,7 @@ def main() -> None:
     parser.add_argument("--history", type=int, default=5, help="AlignGenRec prompt_history_items")
     parser.add_argument("--baseline-budget", type=float, default=600, help="train_time_budget of SASRec, s")
     parser.add_argument("--align-budget", type=float, default=300, help="train_time_budget of AlignSASRec, s")
-    parser.add_argument("--ablations", default=",".join(ABLATIONS))
+    parser.add_argument("--ablations", default=DEFAULT_ABLATIONS, help="comma list from: " + ", ".join(ABLATIONS))
     parser.add_argument("--skip-baselines", action="store_true")
     parser.add_argument("--name", default=None)
     args = parser.parse_args()

@@ -283,3 +283,19 @@ def test_items_the_training_split_never_shows_are_coded_from_their_text(trained_
     assert built[0].cost_report["tokenizer_text_only_items"] == 1
     assert torch.equal(built[0].item_codes[7], built[1].item_codes[7])  # its code follows from its text alone
     assert built[0].trie.items(built[0].item_codes[7:8]).tolist() == [7]  # a full code of the trie: it can be generated
+
+
+def test_from_scratch_baseline_trains_every_llm_weight_and_keeps_them_in_its_checkpoint(trained_backbone, tiny_llama_dir):
+    """llm_init: scratch (the TIGER-style baseline): the same code model with fresh weights, all trained."""
+    _, model, (train, _, _) = _build(trained_backbone, tiny_llama_dir, llm_init="scratch", lora_r=0)
+    llm_weights = {n for n, p in model.named_parameters() if n.startswith("llm.")}
+    assert llm_weights and all(p.requires_grad for n, p in model.named_parameters() if n in llm_weights)
+    assert llm_weights <= set(model.state_dict())  # rebuilt at random on load: the checkpoint must carry them
+    weight = dict(model.named_parameters())["llm.model.layers.0.mlp.down_proj.weight"]
+    before = weight.detach().clone()
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    model.train()
+    loss = model.calculate_loss(next(iter(train)))
+    sum(loss).backward() if isinstance(loss, tuple) else loss.backward()
+    optimizer.step()
+    assert not torch.equal(weight, before)

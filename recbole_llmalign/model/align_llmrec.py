@@ -148,8 +148,8 @@ class AlignLLMRec(FrozenBackboneLLMRecommender):
     def train(self, mode: bool = True) -> AlignLLMRec:
         super().train(mode)
         self._item_side = None
-        if self.lora:
-            self._instruction_kv = None  # adapters may have moved
+        if self.llm_trained:
+            self._instruction_kv = None  # adapters (or, from scratch, all LLM weights) may have moved
         return self
 
     def item_side(self) -> ItemSide:
@@ -168,7 +168,7 @@ class AlignLLMRec(FrozenBackboneLLMRecommender):
         Computed once and reused by every prompt (recomputed per batch, still once rather than per
         user, when LoRA adapters change the projections during training).
         """
-        if self._instruction_kv is not None and not (self.lora and self.training):
+        if self._instruction_kv is not None and not (self.llm_trained and self.training):
             return self._instruction_kv
         from transformers import DynamicCache
 
