@@ -113,7 +113,9 @@ def summary(records: list[dict], serving: dict[str, float] | None) -> str:
         users = extra.get("eval_users", 0)
         if users and record["cost"].get("eval_sec"):
             lines.append(f"- AlignGenRec {setting}: beam search {users / record['cost']['eval_sec']:.1f} users/s in the test "
-                         f"evaluation; training {extra.get('train_samples', 0) / max(record['cost']['sec_per_epoch'], 1e-9):.1f} samples/s")
+                         f"evaluation; training {extra.get('train_samples', 0) / max(record['cost']['sec_per_epoch'], 1e-9):.1f} samples/s"
+                         + (f"; generated beams that are real items: {extra['beams_real']:.0f} of {extra['beams_generated']:.0f} "
+                            f"({extra['beams_real_share']:.1%})" if "beams_generated" in extra else ""))
     if serving:
         lines.append(f"- cached top-10: built for {serving['cache_users']:.0f} users in {serving['cache_build_sec']:.0f} s; "
                      f"lookup p50 {serving['lookup_p50_ms'] * 1000:.1f} us, p99 {serving['lookup_p99_ms'] * 1000:.1f} us "

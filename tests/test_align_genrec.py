@@ -127,6 +127,7 @@ def test_generation_only_yields_real_items_and_learns_a_fixed_next_item(trained_
     batch = next(iter(test))[0]
     items, scores = model.generate(batch[model.ITEM_SEQ], batch[model.ITEM_SEQ_LEN])
     assert ((items >= 1) & (items < dataset.item_num)).all()  # 30 items fill 10 beams: no empty beam
+    assert model.cost_report["beams_real_share"] == 1.0 and model.cost_report["beams_generated"] == items.numel()
     assert (scores[:, :-1] >= scores[:, 1:]).all()  # best first
     codes = model.item_codes[items.flatten()]
     assert len(torch.unique(codes, dim=0)) == len(torch.unique(items.flatten()))

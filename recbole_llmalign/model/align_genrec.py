@@ -109,7 +109,8 @@ class AlignGenRec(FrozenBackboneLLMRecommender):
         self.text_neighbours = int(config["codebook_text_neighbours"])
         self.register_buffer("trained_items", training_items(dataset, self.n_items), persistent=False)
         self.register_parameter("code_embeddings", None)  # [total codes, H], made by install_codes
-        self.cost_report: dict[str, float] = {}  # tokenizer report rows for the run's CSV, set when fitted
+        # rows for the run's CSV: the tokenizer report (set when fitted) and how many generated beams were real items
+        self.cost_report: dict[str, float] = {}
 
     def _build_item_texts(self, config: Any, dataset: Any) -> None:
         """Title tokens for the text tasks, words of the other fields for queries."""
@@ -171,7 +172,7 @@ class AlignGenRec(FrozenBackboneLLMRecommender):
             seed=int(config["seed"]), show_progress=bool(config["show_progress"]))
         report = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in result.report.items())
         self.logger.info(f"AlignGenRec item tokenizer: {report}")
-        self.cost_report = {f"tokenizer_{k}": float(v) for k, v in result.report.items()}  # benchmark CSV rows
+        self.cost_report.update({f"tokenizer_{k}": float(v) for k, v in result.report.items()})
         self.cost_report["tokenizer_text_only_items"] = float((~trained).sum()) if self.backbone.uses_text else 0.0
         codes = torch.zeros(self.n_items, len(result.codes_per_level), dtype=torch.long, device=HOST)
         codes[1:] = result.codes
@@ -353,7 +354,11 @@ class AlignGenRec(FrozenBackboneLLMRecommender):
             cache.batch_select_indices(parent)
             mask, positions = mask[parent], positions[parent]
         items = self.trie.items(prefix).view(batch, -1).to(device)
-        items = torch.where(torch.isfinite(scores), items, torch.full_like(items, -1))
+        finite = torch.isfinite(scores)  # a beam with a finite score is a generated code sequence
+        generated = self.cost_report.get("beams_generated", 0.0) + float(finite.sum())
+        real = self.cost_report.get("beams_real", 0.0) + float((finite & (items >= 1)).sum())
+        self.cost_report.update(beams_generated=generated, beams_real=real, beams_real_share=real / max(generated, 1.0))
+        items = torch.where(finite, items, torch.full_like(items, -1))
         return items, scores
 
     def full_sort_predict(self, interaction: Any) -> torch.Tensor:
