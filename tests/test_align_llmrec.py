@@ -160,7 +160,8 @@ def _train_steps(model, batch, steps: int) -> list[float]:
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     losses = []
     for _ in range(steps):
-        loss = sum(model.calculate_loss(batch))
+        loss = model.calculate_loss(batch)
+        loss = sum(loss) if isinstance(loss, tuple) else loss
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -471,3 +472,49 @@ def test_lora_adapter_is_saved_in_peft_format_and_loads_with_peft(trained_backbo
         assert not torch.allclose(reloaded(input_ids=ids).logits, ours, atol=1e-3)  # the adapter is what differs
     _, frozen, _ = _build(trained_backbone, tiny_llama_dir)
     assert not frozen.save_peft_adapter(tmp_path / "none") and not (tmp_path / "none").exists()
+
+
+def test_rerank_top_n_rescores_only_the_backbones_top_n_from_its_order_and_learns(trained_backbone, tiny_llama_dir,
+                                                                                   monkeypatch):
+    """rerank_top_n: the backbone ranks every item, the LLM re-scores its top n (one candidate prompt each),
+    starting from the backbone's order; nothing outside the top n moves; the listwise loss falls."""
+    _, model, (train, _, test) = _build(trained_backbone, tiny_llama_dir, rerank_top_n=5)
+    assert not hasattr(model, "ranking_head") and not model.rerank_head.weight.any()
+    batch, train_batch = next(iter(test))[0], next(iter(train))
+    seq, lengths = batch[model.ITEM_SEQ], batch[model.ITEM_SEQ_LEN]
+
+    def backbone_order() -> tuple[torch.Tensor, torch.Tensor]:
+        backbone = model.user_vectors(seq, lengths) @ model.item_side().scoring.T
+        return backbone, model.rerank_candidates(backbone, seq)
+
+    model.eval()
+    backbone, top = backbone_order()
+    assert top.shape == (seq.size(0), 5) and not (top.unsqueeze(2) == seq.unsqueeze(1)).any()  # history excluded
+    scores = model.full_sort_predict(batch)
+    assert torch.equal(scores.gather(1, top).argsort(1, descending=True), torch.arange(5).expand_as(top))  # backbone order
+    assert (scores.gather(1, top).min(1).values > scores.scatter(1, top, float("-inf")).max(1).values).all()  # top n first
+    targets = train_batch[model.POS_ITEM_ID]
+    picked = model.rerank_candidates(model.user_vectors(train_batch[model.ITEM_SEQ], train_batch[model.ITEM_SEQ_LEN])
+                                     @ model.item_side().scoring.T, train_batch[model.ITEM_SEQ], targets)
+    assert (picked == targets.unsqueeze(1)).any(1).all()  # every training sample has its answer among the candidates
+
+    losses = _train_steps(model, train_batch, 10)
+    assert losses[-1] < losses[0] and model.rerank_head.weight.any()
+    model.eval()
+    scores = model.full_sort_predict(batch)
+    outside = torch.ones_like(scores, dtype=torch.bool).scatter(1, top, False)
+    assert torch.allclose(scores[outside], backbone_order()[0][outside], atol=1e-5)  # the rest keeps the backbone's scores
+    assert (scores.gather(1, top).min(1).values > scores.masked_fill(~outside, float("-inf")).max(1).values).all()
+
+    _, twin, _ = _build(trained_backbone, tiny_llama_dir, rerank_top_n=5, prompt_reader="mlp")  # the no_llm twin
+
+    def no_llm(*args, **kwargs):
+        raise AssertionError("the no_llm re-ranker ran the LLM")
+
+    monkeypatch.setattr(twin.decoder, "forward", no_llm)
+    twin_losses = _train_steps(twin, train_batch, 10)
+    assert twin_losses[-1] < twin_losses[0]
+    with pytest.raises(ValueError, match="does not combine with llm_item_scoring"):
+        _build(trained_backbone, tiny_llama_dir, rerank_top_n=5, llm_item_scoring=True)
+    with pytest.raises(ValueError, match="rerank_top_n is 500 but the dataset has"):
+        _build(trained_backbone, tiny_llama_dir, rerank_top_n=500)

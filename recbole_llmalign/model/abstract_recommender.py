@@ -87,13 +87,13 @@ class FrozenBackboneLLMRecommender(SequentialRecommender):
         title_field = (config["item_text_fields"] or [None])[0]  # the dataset may have no text fields
         self.titles = item_texts(dataset, [title_field]) if title_field else [""] * dataset.item_num
 
-    def micro_batch_starts(self, total: int, desc: str) -> Any:
+    def micro_batch_starts(self, total: int, desc: str, step: int | None = None) -> Any:
         """First rows of the ``llm_micro_batch`` slices of ``total`` rows, under a progress bar when
         ``show_progress``: RecBole's evaluation bar counts whole eval batches (often one), while the
         LLM passes over the micro-batches are where evaluating these models spends its time."""
         from tqdm import tqdm
 
-        return tqdm(range(0, total, self.micro_batch), desc=desc, unit="batch", leave=False, disable=not self.show_progress)
+        return tqdm(range(0, total, step or self.micro_batch), desc=desc, unit="batch", leave=False, disable=not self.show_progress)
 
     def llm_autocast(self) -> ContextManager[object]:
         """The precision context of every LLM forward: autocast in the LLM's dtype when its weights

@@ -108,6 +108,18 @@ class AlignLLMRec(FrozenBackboneLLMRecommender):
         nn.init.zeros_(self.ranking_head.bias)
         self.residual_backbone = bool(config["rank_with_backbone_residual"])
         self.llm_item_scoring = bool(config["llm_item_scoring"])
+        self.rerank_top_n = int(config["rerank_top_n"] or 0)
+        if self.rerank_top_n:  # the backbone ranks every item; the LLM re-scores its top N, one prompt per candidate
+            if self.llm_item_scoring:
+                raise ValueError("rerank_top_n re-scores the backbone's top N with candidate prompts; it does not combine "
+                                 "with llm_item_scoring (set one of them off).")
+            if self.rerank_top_n > self.n_items - 1:
+                raise ValueError(f"rerank_top_n is {self.rerank_top_n} but the dataset has {self.n_items - 1} items.")
+            self.prompts.set_candidate_template(config["rerank_candidate_template"], self.tokenizer)
+            del self.ranking_head  # not used: the full ranking is the backbone's
+            self.rerank_head = nn.Linear(self.llm_hidden_size, 1)  # zero at the start: the top N keep the backbone's order
+            nn.init.zeros_(self.rerank_head.weight)
+            nn.init.zeros_(self.rerank_head.bias)
         self._item_text_settings = (config["llm_cache_dir"], config["dataset"], str(config["llm_dtype"]))
         self._llm_item_vectors: torch.Tensor | None = None  # computed on first use, on the device the model runs on
         if self.llm_item_scoring:
@@ -244,8 +256,43 @@ class AlignLLMRec(FrozenBackboneLLMRecommender):
             scores = scores + self.item_text_query(state) @ self.item_text_key(self.item_text_vectors()).T
         return scores, query
 
+    # ---- re-ranking the backbone's top N (rerank_top_n > 0) ----
+    def rerank_candidates(self, scores: torch.Tensor, item_seq: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+        """[B, n] the backbone's top ``rerank_top_n`` items per row of ``scores`` [B, N], padding and the
+        items of the history excluded (evaluation excludes them too). With ``targets`` (training), a
+        target the backbone did not put in its top n takes the last place, so every sample has its answer."""
+        masked = scores.detach().clone()
+        masked[:, 0] = float("-inf")
+        masked.scatter_(1, item_seq, float("-inf"))
+        top = masked.topk(self.rerank_top_n, dim=1).indices
+        if targets is not None:
+            missing = ~(top == targets.unsqueeze(1)).any(1)
+            top[missing, -1] = targets[missing]
+        return top
+
+    def candidate_residuals(self, item_seq: torch.Tensor, item_seq_len: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+        """[B, n] what the LLM adds to each candidate's backbone score: one prompt per (user, candidate),
+        ending with ``rerank_candidate_template`` naming the candidate (its title and soft tokens)."""
+        batch, n = candidates.shape
+        state, _ = self.llm_states(item_seq.repeat_interleave(n, 0), item_seq_len.repeat_interleave(n, 0), candidates.reshape(-1))
+        return self.rerank_head(state).squeeze(-1).view(batch, n)
+
+    def reranked_scores(self, item_seq: torch.Tensor, item_seq_len: torch.Tensor) -> torch.Tensor:
+        """[B, N] the backbone's scores, its top n re-scored (backbone score + LLM residual) and kept above the rest."""
+        scores = self.user_vectors(item_seq, item_seq_len) @ self.item_side().scoring.T
+        candidates = self.rerank_candidates(scores, item_seq)
+        rescored = scores.gather(1, candidates) + self.candidate_residuals(item_seq, item_seq_len, candidates)
+        above = (scores.max(1, keepdim=True).values - rescored.min(1, keepdim=True).values).clamp(min=0) + 1
+        return scores.scatter(1, candidates, rescored + above)
+
     # ---- RecBole interface ----
     def calculate_loss(self, interaction: Any) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        if self.rerank_top_n:  # listwise: softmax over the backbone's top n (answer included) of backbone score + residual
+            item_seq, item_seq_len, target = interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN], interaction[self.POS_ITEM_ID]
+            scores = self.user_vectors(item_seq, item_seq_len) @ self.item_side().scoring.T
+            candidates = self.rerank_candidates(scores, item_seq, target)
+            logits = scores.gather(1, candidates) + self.candidate_residuals(item_seq, item_seq_len, candidates)
+            return F.cross_entropy(logits, (candidates == target.unsqueeze(1)).float().argmax(1))
         scores, query = self.scores_and_query(interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN])
         target = interaction[self.POS_ITEM_ID]
         loss = F.cross_entropy(scores, target)
@@ -268,9 +315,11 @@ class AlignLLMRec(FrozenBackboneLLMRecommender):
         item_seq, item_seq_len = interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN]
         order = torch.tensor(self.prompts.prompt_lengths(item_seq.cpu(), item_seq_len.cpu()), device=HOST).argsort(stable=True)
         order = order.to(item_seq.device)
+        users = max(1, self.micro_batch // self.rerank_top_n) if self.rerank_top_n else self.micro_batch  # prompts per pass
         with torch.inference_mode():
             scores = torch.empty(item_seq.size(0), self.n_items, device=item_seq.device)
-            for start in self.micro_batch_starts(len(order), "LLM scoring"):
-                rows = order[start:start + self.micro_batch]
-                scores[rows] = self.scores_and_query(item_seq[rows], item_seq_len[rows])[0]
+            for start in self.micro_batch_starts(len(order), "LLM scoring", step=users):
+                rows = order[start:start + users]
+                scores[rows] = (self.reranked_scores(item_seq[rows], item_seq_len[rows]) if self.rerank_top_n
+                                else self.scores_and_query(item_seq[rows], item_seq_len[rows])[0])
         return scores.clone()
