@@ -116,6 +116,8 @@ class AlignLLMRec(FrozenBackboneLLMRecommender):
             if self.rerank_top_n > self.n_items - 1:
                 raise ValueError(f"rerank_top_n is {self.rerank_top_n} but the dataset has {self.n_items - 1} items.")
             self.prompts.set_candidate_template(config["rerank_candidate_template"], self.tokenizer)
+            # candidates skip the history only when the evaluation does (exclude_history_items): never a private advantage
+            self.rerank_skips_history = bool(config["exclude_history_items"])
             del self.ranking_head  # not used: the full ranking is the backbone's
             self.rerank_head = nn.Linear(self.llm_hidden_size, 1)  # zero at the start: the top N keep the backbone's order
             nn.init.zeros_(self.rerank_head.weight)
@@ -258,12 +260,14 @@ class AlignLLMRec(FrozenBackboneLLMRecommender):
 
     # ---- re-ranking the backbone's top N (rerank_top_n > 0) ----
     def rerank_candidates(self, scores: torch.Tensor, item_seq: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
-        """[B, n] the backbone's top ``rerank_top_n`` items per row of ``scores`` [B, N], padding and the
-        items of the history excluded (evaluation excludes them too). With ``targets`` (training), a
-        target the backbone did not put in its top n takes the last place, so every sample has its answer."""
+        """[B, n] the backbone's top ``rerank_top_n`` items per row of ``scores`` [B, N], padding excluded, and
+        the history's items too when the evaluation ranks them last (``exclude_history_items``), so the
+        candidates are the backbone's own evaluated top n. With ``targets`` (training), a target the
+        backbone did not put in its top n takes the last place, so every sample has its answer."""
         masked = scores.detach().clone()
         masked[:, 0] = float("-inf")
-        masked.scatter_(1, item_seq, float("-inf"))
+        if self.rerank_skips_history:
+            masked.scatter_(1, item_seq, float("-inf"))
         top = masked.topk(self.rerank_top_n, dim=1).indices
         if targets is not None:
             missing = ~(top == targets.unsqueeze(1)).any(1)
