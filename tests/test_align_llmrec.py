@@ -497,13 +497,21 @@ def test_rerank_top_n_rescores_only_the_backbones_top_n_from_its_order_and_learn
     scores = model.full_sort_predict(batch)
     assert torch.equal(scores.gather(1, top).argsort(1, descending=True), torch.arange(5).expand_as(top))  # backbone order
     assert (scores.gather(1, top).min(1).values > scores.scatter(1, top, float("-inf")).max(1).values).all()  # top n first
-    targets = train_batch[model.POS_ITEM_ID]
-    picked = model.rerank_candidates(model.user_vectors(train_batch[model.ITEM_SEQ], train_batch[model.ITEM_SEQ_LEN])
-                                     @ model.item_side().scoring.T, train_batch[model.ITEM_SEQ], targets)
-    assert (picked == targets.unsqueeze(1)).any(1).all()  # every training sample has its answer among the candidates
+    train_seq, train_lengths, targets = (train_batch[model.ITEM_SEQ], train_batch[model.ITEM_SEQ_LEN],
+                                         train_batch[model.POS_ITEM_ID])
+    picked = model.rerank_candidates(model.user_vectors(train_seq, train_lengths) @ model.item_side().scoring.T, train_seq)
+    inside = (picked == targets.unsqueeze(1)).any(1)
+    assert 0 < int(inside.sum()) < len(targets)  # the fixture has samples of both kinds
+    # trained on the samples whose answer the backbone put in its top n, candidates exactly as in evaluation
+    other = torch.where(inside, picked[:, 0], targets)  # every answer moved into the top n ...
+    assert model.rerank_loss(train_seq, train_lengths, other).item() > 0
+    model.cost_report.clear()
+    misses = torch.where(inside, torch.zeros_like(targets), targets)[~inside]  # ... or none of them
+    assert model.rerank_loss(train_seq[~inside], train_lengths[~inside], misses).item() == 0.0
+    assert model.cost_report == {"rerank_train_samples": float((~inside).sum()), "rerank_train_samples_used": 0.0}
 
-    losses = _train_steps(model, train_batch, 10)
-    assert losses[-1] < losses[0] and model.rerank_head.weight.any()
+    losses = _train_steps(model, train_batch, 30)
+    assert sum(losses[-5:]) / 5 < losses[0] and model.rerank_head.weight.any()
     model.eval()
     scores = model.full_sort_predict(batch)
     outside = torch.ones_like(scores, dtype=torch.bool).scatter(1, top, False)
@@ -516,8 +524,12 @@ def test_rerank_top_n_rescores_only_the_backbones_top_n_from_its_order_and_learn
         raise AssertionError("the no_llm re-ranker ran the LLM")
 
     monkeypatch.setattr(twin.decoder, "forward", no_llm)
+    assert twin.pooling_reader.net[0].in_features == 6 * twin.llm_hidden_size  # the candidate pooled on its own
     twin_losses = _train_steps(twin, train_batch, 30)
     assert sum(twin_losses[-5:]) / 5 < twin_losses[0], twin_losses  # its MLP has dropout: the loss falls on average
+    twin.eval()
+    pair = twin.candidate_residuals(seq[:1], lengths[:1], torch.tensor([[3, 4]]))
+    assert pair[0, 0] != pair[0, 1]  # the same user, two candidates: the MLP tells them apart
     with pytest.raises(ValueError, match="does not combine with llm_item_scoring"):
         _build(trained_backbone, tiny_llama_dir, rerank_top_n=5, llm_item_scoring=True)
     with pytest.raises(ValueError, match="rerank_top_n is 500 but the dataset has"):

@@ -77,16 +77,26 @@ class PromptPoolingReader(nn.Module):
     losses are unchanged. What it cannot do is what the LLM is claimed to add: read order, words
     in context and the pretrained knowledge behind them. ``width`` is chosen by the model so the
     trainable size matches the LLM-only trainables it replaces (prefixes, LoRA).
+
+    With ``candidate`` (prompts that end by naming one candidate item, ``rerank_top_n``), the
+    candidate's own ID and semantic tokens (the last of each in the prompt) are two more inputs
+    [B, 6 D] and leave the history means, so the MLP can tell the candidate from the history.
     """
 
-    def __init__(self, dim: int, width: int, dropout: float = 0.1) -> None:
+    def __init__(self, dim: int, width: int, dropout: float = 0.1, candidate: bool = False) -> None:
         super().__init__()
-        self.net = nn.Sequential(nn.Linear(4 * dim, width), nn.GELU(), nn.Dropout(dropout), nn.Linear(width, dim))
+        self.candidate = candidate
+        self.net = nn.Sequential(nn.Linear(self.inputs(candidate) * dim, width), nn.GELU(), nn.Dropout(dropout),
+                                 nn.Linear(width, dim))
 
     @staticmethod
-    def width_for(dim: int, parameters: int) -> int:
+    def inputs(candidate: bool) -> int:
+        return 6 if candidate else 4
+
+    @staticmethod
+    def width_for(dim: int, parameters: int, candidate: bool = False) -> int:
         """Hidden width whose two layers hold about ``parameters`` weights (at least 64)."""
-        return max(64, round((parameters - dim) / (5 * dim + 1)))
+        return max(64, round((parameters - dim) / ((PromptPoolingReader.inputs(candidate) + 1) * dim + 1)))
 
     def forward(self, embeds: torch.Tensor, token_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         real = mask.bool()
@@ -95,9 +105,18 @@ class PromptPoolingReader(nn.Module):
             weights = (where & real).unsqueeze(-1).to(embeds.dtype)
             return (embeds * weights).sum(1) / weights.sum(1).clamp(min=1.0)
 
-        soft = (token_ids == USER_SLOT) | (token_ids == HISTORY_SLOT) | (token_ids == SEMANTIC_SLOT)
-        pooled = [mean_of(token_ids == USER_SLOT), mean_of(token_ids == HISTORY_SLOT),
-                  mean_of(token_ids == SEMANTIC_SLOT), mean_of(~soft)]
+        history, semantic = token_ids == HISTORY_SLOT, token_ids == SEMANTIC_SLOT
+        soft = (token_ids == USER_SLOT) | history | semantic
+        own: list[torch.Tensor] = []
+        if self.candidate:  # the candidate's piece comes last: its slots are the last of each kind
+            positions = torch.arange(token_ids.size(1), device=token_ids.device).expand_as(token_ids)
+            for where in (history, semantic):
+                found = where & real
+                last = torch.where(found, positions, torch.full_like(positions, -1)).max(1).values  # [B], -1: none
+                is_last = (positions == last.unsqueeze(1)) & found
+                own.append(mean_of(is_last))
+                where &= ~is_last  # out of the history mean (history and semantic are fresh tensors, not token_ids)
+        pooled = [mean_of(token_ids == USER_SLOT), mean_of(history), mean_of(semantic), mean_of(~soft)] + own
         return self.net(torch.cat(pooled, dim=-1))
 
 

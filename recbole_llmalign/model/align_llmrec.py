@@ -64,6 +64,7 @@ class AlignLLMRec(FrozenBackboneLLMRecommender):
         self.align_weight = float(config["llm_align_weight"])
         self.align_temperature = float(config["align_temperature"])
         self._item_side: ItemSide | None = None
+        self.cost_report: dict[str, float] = {}  # rows for the run's CSV (rerank_top_n: training samples seen and used)
         self._instruction_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None
 
     def _build_soft_prompt(self, config: Any) -> None:
@@ -88,8 +89,9 @@ class AlignLLMRec(FrozenBackboneLLMRecommender):
         if self.prompt_reader == "mlp":  # the LLM ablation: same inputs and head, the LLM-only trainables traded for an MLP
             replaced = sum(p.numel() for name, p in self.named_parameters()
                            if p.requires_grad and name.split(".")[0] in ("layer_prefix", "instruction_prefix", "llm"))
-            self.pooling_reader = PromptPoolingReader(self.llm_hidden_size,
-                                                      PromptPoolingReader.width_for(self.llm_hidden_size, replaced))
+            candidate = int(config["rerank_top_n"] or 0) > 0  # prompts that end with a candidate: pooled on its own
+            self.pooling_reader = PromptPoolingReader(
+                self.llm_hidden_size, PromptPoolingReader.width_for(self.llm_hidden_size, replaced, candidate), candidate=candidate)
             self.use_layer_prefix = self.use_instruction_prefix = False  # they only act inside the LLM's attention
             for name in ("layer_prefix", "instruction_prefix"):
                 if hasattr(self, name):
@@ -259,20 +261,15 @@ class AlignLLMRec(FrozenBackboneLLMRecommender):
         return scores, query
 
     # ---- re-ranking the backbone's top N (rerank_top_n > 0) ----
-    def rerank_candidates(self, scores: torch.Tensor, item_seq: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+    def rerank_candidates(self, scores: torch.Tensor, item_seq: torch.Tensor) -> torch.Tensor:
         """[B, n] the backbone's top ``rerank_top_n`` items per row of ``scores`` [B, N], padding excluded, and
         the history's items too when the evaluation ranks them last (``exclude_history_items``), so the
-        candidates are the backbone's own evaluated top n. With ``targets`` (training), a target the
-        backbone did not put in its top n takes the last place, so every sample has its answer."""
+        candidates are the backbone's own evaluated top n, in training as in evaluation."""
         masked = scores.detach().clone()
         masked[:, 0] = float("-inf")
         if self.rerank_skips_history:
             masked.scatter_(1, item_seq, float("-inf"))
-        top = masked.topk(self.rerank_top_n, dim=1).indices
-        if targets is not None:
-            missing = ~(top == targets.unsqueeze(1)).any(1)
-            top[missing, -1] = targets[missing]
-        return top
+        return masked.topk(self.rerank_top_n, dim=1).indices
 
     def candidate_residuals(self, item_seq: torch.Tensor, item_seq_len: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
         """[B, n] what the LLM adds to each candidate's backbone score: one prompt per (user, candidate),
@@ -280,6 +277,25 @@ class AlignLLMRec(FrozenBackboneLLMRecommender):
         batch, n = candidates.shape
         state, _ = self.llm_states(item_seq.repeat_interleave(n, 0), item_seq_len.repeat_interleave(n, 0), candidates.reshape(-1))
         return self.rerank_head(state).squeeze(-1).view(batch, n)
+
+    def rerank_loss(self, item_seq: torch.Tensor, item_seq_len: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Listwise cross-entropy over the backbone's top n (backbone score + residual), on the samples whose
+        answer the backbone put there: the only ones a re-ranker can change, and candidates exactly as in
+        evaluation (inserting a missed answer would teach the residual to lift low-scored items).
+        The samples seen and used are counted in ``cost_report`` (the run's CSV)."""
+        scores = self.user_vectors(item_seq, item_seq_len) @ self.item_side().scoring.T
+        candidates = self.rerank_candidates(scores, item_seq)
+        hit = candidates == target.unsqueeze(1)
+        inside = hit.any(1)
+        seen = self.cost_report.get("rerank_train_samples", 0.0) + float(len(target))
+        used = self.cost_report.get("rerank_train_samples_used", 0.0) + float(inside.sum())
+        self.cost_report.update(rerank_train_samples=seen, rerank_train_samples_used=used)
+        if not inside.any():  # no answer among any candidates: nothing to learn from this batch
+            return self.rerank_head.weight.sum() * 0.0
+        rows = inside.nonzero().squeeze(1)
+        logits = scores[rows].gather(1, candidates[rows]) + self.candidate_residuals(item_seq[rows], item_seq_len[rows],
+                                                                                    candidates[rows])
+        return F.cross_entropy(logits, hit[rows].float().argmax(1))
 
     def reranked_scores(self, item_seq: torch.Tensor, item_seq_len: torch.Tensor) -> torch.Tensor:
         """[B, N] the backbone's scores, its top n re-scored (backbone score + LLM residual) and kept above the rest."""
@@ -291,12 +307,8 @@ class AlignLLMRec(FrozenBackboneLLMRecommender):
 
     # ---- RecBole interface ----
     def calculate_loss(self, interaction: Any) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        if self.rerank_top_n:  # listwise: softmax over the backbone's top n (answer included) of backbone score + residual
-            item_seq, item_seq_len, target = interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN], interaction[self.POS_ITEM_ID]
-            scores = self.user_vectors(item_seq, item_seq_len) @ self.item_side().scoring.T
-            candidates = self.rerank_candidates(scores, item_seq, target)
-            logits = scores.gather(1, candidates) + self.candidate_residuals(item_seq, item_seq_len, candidates)
-            return F.cross_entropy(logits, (candidates == target.unsqueeze(1)).float().argmax(1))
+        if self.rerank_top_n:
+            return self.rerank_loss(interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN], interaction[self.POS_ITEM_ID])
         scores, query = self.scores_and_query(interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN])
         target = interaction[self.POS_ITEM_ID]
         loss = F.cross_entropy(scores, target)
