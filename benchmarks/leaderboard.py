@@ -68,10 +68,12 @@ LEVERS = [
     ("AlignLLMRec:holdout_5_lr_1e-3", "AlignLLMRec", "holdout_5_lr_1e-3", {"holdout_last_targets": 5, "learning_rate": 0.001}),
     ("AlignLLMRec:no_llm_holdout_5_lr_1e-3", "AlignLLMRec", "no_llm_holdout_5_lr_1e-3",
      {"holdout_last_targets": 5, "learning_rate": 0.001, "prompt_reader": "mlp"}),
-    # candidate-aware: the LLM re-scores the backbone's top 5, one prompt per (user, candidate): 5x the LLM passes
-    ("AlignLLMRec:rerank_5_lr_1e-3", "AlignLLMRec", "rerank_5_lr_1e-3", {"rerank_top_n": 5, "learning_rate": 0.001}),
-    ("AlignLLMRec:no_llm_rerank_5_lr_1e-3", "AlignLLMRec", "no_llm_rerank_5_lr_1e-3",
-     {"rerank_top_n": 5, "learning_rate": 0.001, "prompt_reader": "mlp"}),
+    # candidate-aware: the LLM re-scores the backbone's top 5, one prompt per (user, candidate): 5x the LLM passes; it
+    # trains on the samples whose answer is in that top 5, so on the 5 held-out targets per user of the lever above
+    ("AlignLLMRec:rerank_5_holdout_5_lr_1e-3", "AlignLLMRec", "rerank_5_holdout_5_lr_1e-3",
+     {"rerank_top_n": 5, "holdout_last_targets": 5, "learning_rate": 0.001}),
+    ("AlignLLMRec:no_llm_rerank_5_holdout_5_lr_1e-3", "AlignLLMRec", "no_llm_rerank_5_holdout_5_lr_1e-3",
+     {"rerank_top_n": 5, "holdout_last_targets": 5, "learning_rate": 0.001, "prompt_reader": "mlp"}),
 ]
 ALL_RUNS = STANDARD + LEVERS
 FEATURE_MODELS = ("SASRecF", "FDSA")
@@ -136,9 +138,9 @@ def field_use(name: str, config_files: list[str] | None, data_config: dict[str, 
         "AlignLLMRec:holdout_5_lr_1e-3": "holdout_last_targets 5 (its own backbone holds out 5 targets per user: 5x the "
                                          "samples), learning_rate 1e-3",
         "AlignLLMRec:no_llm_holdout_5_lr_1e-3": "no_llm, holdout_last_targets 5, learning_rate 1e-3",
-        "AlignLLMRec:rerank_5_lr_1e-3": "rerank_top_n 5: the LLM re-scores the backbone's top 5 with one candidate prompt "
-                                         "each, learning_rate 1e-3",
-        "AlignLLMRec:no_llm_rerank_5_lr_1e-3": "no_llm, rerank_top_n 5, learning_rate 1e-3",
+        "AlignLLMRec:rerank_5_holdout_5_lr_1e-3": "rerank_top_n 5: the LLM re-scores the backbone's top 5 with one "
+                                                  "candidate prompt each; holdout_last_targets 5, learning_rate 1e-3",
+        "AlignLLMRec:no_llm_rerank_5_holdout_5_lr_1e-3": "no_llm, rerank_top_n 5, holdout_last_targets 5, learning_rate 1e-3",
         "AlignGenRec": f"item codes from AlignSASRec + text ({text}); SmolLM2-135M",
     }
     blocked = [] if usable else list(FEATURE_MODELS)
