@@ -211,7 +211,8 @@ def main() -> None:
     if default and default["cost"].get("checkpoint"):
         serving = lookup_latency(default["cost"]["checkpoint"], Path("saved") / f"topk-{name}.pth", 10)
         default["cost"]["extra"].update(serving)
-    setup = (f"Dataset {name} ({args.users or 'all'} random users of {args.dataset}, all their interactions); leave-one-out, "
+    users = f"{args.users} random users of {args.dataset}" if args.users else "all users"
+    setup = (f"Dataset {name} ({users}, all their interactions); leave-one-out, "
              f"full ranking; seed 2020; embedding 64, MAX_ITEM_LIST_LENGTH 50. SASRec: {args.baseline_budget:.0f} s budget; "
              f"AlignSASRec: all_positions, {args.align_budget:.0f} s budget; AlignGenRec (on that AlignSASRec as its frozen backbone): SmolLM2-135M first {args.llm_layers} "
              f"layers, LoRA r=8 + code rows, {args.llm_epochs} epochs over a sample budget of {args.budget}"
