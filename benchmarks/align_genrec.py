@@ -5,7 +5,8 @@ Rows (``setting``): SASRec (RecBole defaults, prefix augmentation, time budget),
 tokenizer without the loss that aligns codes to the LLM's title embeddings) and ``levels3``
 (L = 3 instead of 4); named with ``--ablations``: each task left out (``no_sequential``,
 ``no_text_align``, ``no_query``, ``no_negative``), ``no_user_token``, and ``scratch``, the same
-code model with fresh weights, all trained (the TIGER-style baseline). Metrics: HR@5, NDCG@5, HR@10, NDCG@10 (full ranking; generated items get
+code model with fresh weights, all trained (the TIGER-style baseline); the lever ``resample`` (a fresh
+sample-budget subset every epoch). Metrics: HR@5, NDCG@5, HR@10, NDCG@10 (full ranking; generated items get
 their beam log-probability, the rest a floor). Users may be subsampled (``--users``) so the LLM's
 training and per-user beam search fit a CPU budget; every model sees the same subsample and split.
 
@@ -16,6 +17,9 @@ file and 10,000 random lookups are timed (p50/p99).
     python benchmarks/align_genrec.py --dataset=ml-1m --users=1000 --budget=0.1 --ablations=default
     # to convergence, validated every epoch (the CSV's valid_curve rows and the curve table show the plateau)
     python benchmarks/align_genrec.py --dataset=amazon-office --users=0 --budget=0.2 --llm-epochs=10 --eval-step=1 --ablations=default
+    # a further setting on the backbone of that run (its log names the AlignSASRec checkpoint), in its own table
+    python benchmarks/align_genrec.py --dataset=amazon-office --users=0 --budget=0.1 --llm-epochs=10 --eval-step=1 \
+        --skip-baselines --backbone-checkpoint=saved/AlignSASRec-<time>.pth --ablations=resample --name=align_genrec_amazonoffice_resample
 """
 
 from __future__ import annotations
@@ -42,6 +46,8 @@ ABLATIONS = {  # --ablations: default, no_llm_align, levels3 unless named
     "no_user_token": {"use_user_token": False},
     # the TIGER-style baseline: the same code model with fresh weights, all trained (what the pretrained LLM gives)
     "scratch": {"llm_init": "scratch", "lora_r": 0},
+    # a lever, not an ablation: a fresh train_sample_budget subset every epoch instead of one subset for all epochs
+    "resample": {"resample_each_epoch": True},
 }
 DEFAULT_ABLATIONS = "default,no_llm_align,levels3"
 
@@ -172,6 +178,9 @@ def main() -> None:
     parser.add_argument("--align-budget", type=float, default=300, help="train_time_budget of AlignSASRec, s")
     parser.add_argument("--ablations", default=DEFAULT_ABLATIONS, help="comma list from: " + ", ".join(ABLATIONS))
     parser.add_argument("--skip-baselines", action="store_true")
+    parser.add_argument("--backbone-checkpoint", default=None,
+                        help="AlignSASRec checkpoint an earlier run of this command trained (its log names it): AlignGenRec "
+                        "runs on it, so a later setting is compared on exactly that backbone; use with --skip-baselines")
     parser.add_argument("--name", default=None)
     args = parser.parse_args()
     sys.argv = sys.argv[:1]  # RecBole's Config reads --key=value from argv: the script's own flags must not reach it
@@ -198,7 +207,8 @@ def main() -> None:
                   "backbone_epochs": 300}
     records = compare(runs, name, config_files, config_dict=shared, output_dir=RESULTS, name=table) if runs else []
     backbone = next((r["cost"].get("checkpoint") for r in records if r["model"] == "AlignSASRec"), None)
-    if backbone:  # AlignGenRec's frozen backbone is exactly the AlignSASRec row
+    backbone = backbone or args.backbone_checkpoint
+    if backbone:  # AlignGenRec's frozen backbone is exactly the AlignSASRec row (or the one named)
         generative["backbone_checkpoint"] = backbone
     generative_runs = [("AlignGenRec", setting, {**generative, **ABLATIONS[setting]}) for setting in args.ablations.split(",") if setting]
     records += compare(generative_runs, name, config_files, config_dict=shared, output_dir=RESULTS, name=table + "_partial")
@@ -218,7 +228,10 @@ def main() -> None:
              f"layers, LoRA r=8 + code rows, {args.llm_epochs} epochs over a sample budget of {args.budget}"
              + (f" (validated every {args.eval_step}, early stopping after {args.llm_stopping_step} without gain)"
                 if args.eval_step else "") + ", last "
-             f"{args.history} items in the prompt, beam 20; {os.environ.get('OMP_NUM_THREADS', '2')} CPU threads.\n\n")
+             f"{args.history} items in the prompt, beam 20; {os.environ.get('OMP_NUM_THREADS', '2')} CPU threads."
+             + (f" Baselines not rerun: the frozen backbone is {Path(args.backbone_checkpoint).name}, trained by an earlier run "
+                "of this script with the settings above." if args.skip_baselines and args.backbone_checkpoint else "")
+             + "\n\n")
     report.write_comparison(records, name, RESULTS, table,
                             preface=setup + summary(records, serving) + tokenizer_table(records) + curve_table(records))
     print((RESULTS / f"{table}.md").read_text())

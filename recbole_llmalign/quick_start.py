@@ -153,6 +153,8 @@ def run_with_cost(
         valid_curve=list(getattr(trainer, "valid_curve", [])),
         extra={"text_sec": float(getattr(model_obj, "text_seconds", 0.0)),
                "train_samples": float(getattr(trainer, "training_samples", len(train_data._dataset))),
+               "train_samples_distinct": float(len(getattr(trainer, "drawn_samples", ())) or
+                                               getattr(trainer, "training_samples", len(train_data._dataset))),
                **{k: float(v) for k, v in getattr(model_obj, "cost_report", {}).items()}},
     )
     log_run_summary(config, result, asdict(cost), time.perf_counter() - started, getattr(type(model_obj), "backbone_model", None))

@@ -255,17 +255,32 @@ class SampleBudgetTrainer(RunControlsMixin, HistoryExclusionMixin, Trainer):
 
     def fit(self, train_data: Any, valid_data: Any = None, verbose: bool = True, saved: bool = True,
             show_progress: bool = False, callback_fn: Any = None) -> Any:
-        index = self.select_samples(train_data._dataset)
-        self.training_samples = len(index)
-        self.logger.info(f"{self.config['model']} trains on {len(index)} of {len(train_data._dataset)} training samples.")
-        loader = subset_loader(self.config, train_data, index, int(self.config["train_batch_size"]))
+        self._all_training_rows = train_data
+        self.drawn_samples: set[int] = set()  # distinct training rows trained on over all draws
+        loader = self._draw_loader(0)
         self.before_training(valid_data, saved)
         return super().fit(loader, valid_data, verbose, saved, show_progress, callback_fn)
+
+    def _draw_loader(self, draw: int) -> Any:
+        """The loader of draw ``draw`` (0 = the first epoch's; each later draw is one epoch's when
+        ``resample_each_epoch`` is on): a budgeted subset seeded by ``seed + draw``."""
+        train_data = self._all_training_rows
+        index = self.select_samples(train_data._dataset, draw=draw)
+        self.training_samples = len(index)
+        self.drawn_samples.update(index.tolist())
+        again = f" (draw {draw}; {len(self.drawn_samples)} distinct so far)" if draw else ""
+        self.logger.info(f"{self.config['model']} trains on {len(index)} of {len(train_data._dataset)} training samples{again}.")
+        return subset_loader(self.config, train_data, index, int(self.config["train_batch_size"]))
+
+    def _train_epoch(self, train_data: Any, epoch_idx: int, *args: Any, **kwargs: Any) -> Any:
+        if epoch_idx > 0 and self.config["resample_each_epoch"]:
+            train_data = self._draw_loader(epoch_idx)  # a fresh subset per epoch, reproducible from the epoch number
+        return super()._train_epoch(train_data, epoch_idx, *args, **kwargs)
 
     def before_training(self, valid_data: Any, saved: bool) -> None:
         """Hook run after the samples are chosen and before the first epoch."""
 
-    def select_samples(self, dataset: Any) -> np.ndarray:
+    def select_samples(self, dataset: Any, draw: int = 0) -> np.ndarray:
         from recbole_llmalign.data.item_text import item_texts
         from recbole_llmalign.data.sampling import content_words
 
@@ -278,7 +293,7 @@ class SampleBudgetTrainer(RunControlsMixin, HistoryExclusionMixin, Trainer):
             inter[dataset.iid_field + config["LIST_SUFFIX"]].numpy(), inter[config["ITEM_LIST_LENGTH_FIELD"]].numpy(),
             targets, inter[dataset.uid_field].numpy(), budget_rows=sample_budget_rows(float(config["train_sample_budget"]),
                                                                                        len(targets)),
-            buckets=int(config["diversity_buckets"]), seed=int(config["seed"]), item_words=item_words,
+            buckets=int(config["diversity_buckets"]), seed=int(config["seed"]) + draw, item_words=item_words,
             holdout=self.holdout)
         for note in notes:
             self.logger.info(note)

@@ -35,3 +35,44 @@ def test_denoising_drops_targets_that_share_no_word_with_the_history():
     targets = np.array([2, 3, 4, 3])
     assert denoise_mask(histories, targets, words).tolist() == [True, False, True, True]
     assert content_words("The Lord of the Rings") == {"lord", "rings"}
+
+
+def _budget_trainer_run(cyclic_dataset, resample: bool) -> tuple[list[set[int]], int]:
+    """Rows each epoch of a SampleBudgetTrainer trained on, on the cyclic fixture (GRU4Rec: no LLM needed)."""
+    import torch
+    from recbole.config import Config
+    from recbole.data import create_dataset, data_preparation
+    from recbole.model.sequential_recommender import GRU4Rec
+
+    from recbole_llmalign.trainer import SampleBudgetTrainer
+    from tests.conftest import cyclic_config
+
+    data_path, name = cyclic_dataset
+    config = Config(model="GRU4Rec", dataset=name, config_dict=cyclic_config(
+        data_path, epochs=3, train_sample_budget=0.1, resample_each_epoch=resample, diversity_buckets=2,
+        denoise_samples=False, item_text_fields=[], train_batch_size=16, eval_step=10, train_neg_sample_args=None))
+    dataset = create_dataset(config)
+    train, valid, _ = data_preparation(config, dataset)
+    trainer = SampleBudgetTrainer(config, GRU4Rec(config, train._dataset).to(config["device"]))
+    per_epoch: list[set[int]] = []
+    epoch_loop = SampleBudgetTrainer._train_epoch
+
+    def record(self, train_data, epoch_idx, *args, **kwargs):
+        result = epoch_loop(self, train_data, epoch_idx, *args, **kwargs)
+        per_epoch.append(set(self.drawn_samples) - set().union(*per_epoch) if per_epoch else set(self.drawn_samples))
+        return result
+
+    torch.manual_seed(0)
+    trainer._train_epoch = record.__get__(trainer)
+    trainer.fit(train, valid, saved=False)
+    return per_epoch, trainer.training_samples
+
+
+def test_resample_each_epoch_draws_a_fresh_seeded_subset_and_off_keeps_one(cyclic_dataset):
+    fixed, per_epoch_rows = _budget_trainer_run(cyclic_dataset, resample=False)
+    assert len(fixed) == 3 and len(fixed[0]) == per_epoch_rows and fixed[1] == fixed[2] == set()  # nothing new after epoch 1
+    fresh, rows = _budget_trainer_run(cyclic_dataset, resample=True)
+    assert rows == per_epoch_rows and fresh[0] == fixed[0]  # draw 0 is the default draw
+    assert len(fresh[1]) > rows // 2 and len(fresh[2]) > 0  # later epochs bring rows never trained on before
+    again, _ = _budget_trainer_run(cyclic_dataset, resample=True)
+    assert again == fresh  # seeded by the epoch number
