@@ -469,12 +469,16 @@ def compare(
     planned = {(model, setting, seed) for model, setting, _, seed in plan}
     records = [r for key, r in earlier.items() if key not in planned]  # merged from an earlier, different invocation
     failures: list[str] = []
+    row_order: dict[tuple[str, str], int] = {}  # table rows: the earlier file's order, then this plan's new rows
+    for model, setting, *_ in [*earlier, *plan]:
+        row_order.setdefault((model, setting), len(row_order))
 
     def write() -> None:
         options = dict(table or {})
         if failures:
             options["preface"] = options.get("preface", "") + "Runs that failed (rerun to retry them):\n\n" + "".join(failures) + "\n"
-        report.write_comparison(records, dataset, output_dir, name, reference=reference, per_user_dir=per_user_dir, **options)
+        rows = sorted(records, key=lambda r: row_order[(r["model"], r["setting"])])  # stable: seeds keep their order
+        report.write_comparison(rows, dataset, output_dir, name, reference=reference, per_user_dir=per_user_dir, **options)
 
     context = multiprocessing.get_context("spawn")
     progress = tqdm(plan, desc=f"compare on {dataset}", unit="run")

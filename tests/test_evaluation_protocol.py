@@ -416,6 +416,11 @@ def test_compare_runs_every_seed_writes_aggregates_and_bootstrap_and_resumes(cyc
             reference="Pop", per_user_dir=per_user, resume=True)
     written = {(r["model"], r["setting"]) for r in csv.DictReader(open(out / "seeded.csv", encoding="utf-8"))}
     assert {("Pop", "again/seed_2020"), ("GRU4Rec", "default/seed_2020"), ("GRU4Rec", "default/seed_2021")} <= written
+    # re-rendered with only a later row named (nothing runs): the rows keep the file's order
+    compare(["GRU4Rec"], name, config_dict=config, output_dir=out, name="seeded", seeds=[2020, 2021],
+            reference="Pop", per_user_dir=per_user, resume=True)
+    table = (out / "seeded.md").read_text()
+    assert table.index("| Pop | default |") < table.index("| GRU4Rec | default |") < table.index("| Pop | again |")
 
 
 def test_cli_passes_seeds_and_reference_to_compare(monkeypatch):
