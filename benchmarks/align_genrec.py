@@ -105,6 +105,24 @@ def lookup_latency(model_file: str, cache_path: Path, topk: int) -> dict[str, fl
             "lookup_p50_ms": float(np.percentile(timings_ms, 50)), "lookup_p99_ms": float(np.percentile(timings_ms, 99))}
 
 
+def gather_per_user_files(records: list[dict], per_user_dir: Path, sources: list[str]) -> None:
+    """Copy each record's per-user test metrics into one folder (the bootstrap reads them from there),
+    from the folders of this run's comparisons and of a merged earlier run's."""
+    import shutil
+
+    from recbole_llmalign import report
+
+    for record in records:
+        target = report.per_user_path(per_user_dir, record["model"], record["setting"], report.record_seed(record))
+        for source in sources:
+            found = report.per_user_path(Path("saved") / "per_user" / source, record["model"], record["setting"],
+                                         report.record_seed(record))
+            if found.is_file() and found.resolve() != target.resolve():
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(found, target)
+                break
+
+
 def summary(records: list[dict], serving: dict[str, float] | None) -> str:
     by = {(r["model"], r.get("setting", "default")): r for r in records}
     lines = []
@@ -181,6 +199,13 @@ def main() -> None:
     parser.add_argument("--backbone-checkpoint", default=None,
                         help="AlignSASRec checkpoint an earlier run of this command trained (its log names it): AlignGenRec "
                         "runs on it, so a later setting is compared on exactly that backbone; use with --skip-baselines")
+    parser.add_argument("--merge", default=None,
+                        help="results name of an earlier run of this script on the same split and backbone (see "
+                        "--backbone-checkpoint): its rows join this table, so settings are compared in one table")
+    parser.add_argument("--reference", default=None,
+                        help="Model or Model:setting every row is tested against (paired bootstrap over test users, 95%%)")
+    parser.add_argument("--render-only", action="store_true",
+                        help="rewrite the table from its CSV (and --merge's) without training")
     parser.add_argument("--name", default=None)
     args = parser.parse_args()
     sys.argv = sys.argv[:1]  # RecBole's Config reads --key=value from argv: the script's own flags must not reach it
@@ -205,15 +230,27 @@ def main() -> None:
                   "stopping_step": args.llm_stopping_step,
                   "train_sample_budget": args.budget, "prompt_history_items": args.history, "train_time_budget": None,
                   "backbone_epochs": 300}
-    records = compare(runs, name, config_files, config_dict=shared, output_dir=RESULTS, name=table) if runs else []
+    per_user_dir = Path("saved") / "per_user" / table
+    if args.render_only:
+        records = report.records_from_csv(RESULTS / f"{table}.csv")[1]
+        runs = []
+        args.ablations = ""
+    else:
+        records = compare(runs, name, config_files, config_dict=shared, output_dir=RESULTS, name=table) if runs else []
     backbone = next((r["cost"].get("checkpoint") for r in records if r["model"] == "AlignSASRec"), None)
     backbone = backbone or args.backbone_checkpoint
     if backbone:  # AlignGenRec's frozen backbone is exactly the AlignSASRec row (or the one named)
         generative["backbone_checkpoint"] = backbone
     generative_runs = [("AlignGenRec", setting, {**generative, **ABLATIONS[setting]}) for setting in args.ablations.split(",") if setting]
-    records += compare(generative_runs, name, config_files, config_dict=shared, output_dir=RESULTS, name=table + "_partial")
-    for suffix in (".md", ".csv", ".png"):
-        (RESULTS / f"{table}_partial{suffix}").unlink(missing_ok=True)
+    if generative_runs:
+        records += compare(generative_runs, name, config_files, config_dict=shared, output_dir=RESULTS, name=table + "_partial")
+        for suffix in (".md", ".csv", ".png"):
+            (RESULTS / f"{table}_partial{suffix}").unlink(missing_ok=True)
+    if args.merge:  # an earlier run's rows (same split and backbone) before this run's
+        present = {(r["model"], r["setting"]) for r in records}
+        merged = [r for r in report.records_from_csv(RESULTS / f"{args.merge}.csv")[1] if (r["model"], r["setting"]) not in present]
+        records = merged + records
+    gather_per_user_files(records, per_user_dir, [table, table + "_partial"] + ([args.merge, args.merge + "_partial"] if args.merge else []))
     for record in records:  # users scored in the test evaluation (one per user under leave-one-out)
         record["cost"].setdefault("extra", {})["eval_users"] = float(user_count(data_root if args.users else source.parent, name))
     serving = None
@@ -223,16 +260,20 @@ def main() -> None:
         default["cost"]["extra"].update(serving)
     users = f"{args.users} random users of {args.dataset}" if args.users else "all users"
     setup = (f"Dataset {name} ({users}, all their interactions); leave-one-out, "
-             f"full ranking; seed 2020; embedding 64, MAX_ITEM_LIST_LENGTH 50. SASRec: {args.baseline_budget:.0f} s budget; "
-             f"AlignSASRec: all_positions, {args.align_budget:.0f} s budget; AlignGenRec (on that AlignSASRec as its frozen backbone): SmolLM2-135M first {args.llm_layers} "
+             f"full ranking; seed 2020; embedding 64, MAX_ITEM_LIST_LENGTH 50. "
+             + (f"SASRec: {args.baseline_budget:.0f} s budget; AlignSASRec: all_positions, {args.align_budget:.0f} s budget; "
+                if not (args.skip_baselines and args.backbone_checkpoint) else "")
+             + f"AlignGenRec (on that AlignSASRec as its frozen backbone): SmolLM2-135M first {args.llm_layers} "
              f"layers, LoRA r=8 + code rows, {args.llm_epochs} epochs over a sample budget of {args.budget}"
              + (f" (validated every {args.eval_step}, early stopping after {args.llm_stopping_step} without gain)"
                 if args.eval_step else "") + ", last "
              f"{args.history} items in the prompt, beam 20; {os.environ.get('OMP_NUM_THREADS', '2')} CPU threads."
-             + (f" Baselines not rerun: the frozen backbone is {Path(args.backbone_checkpoint).name}, trained by an earlier run "
-                "of this script with the settings above." if args.skip_baselines and args.backbone_checkpoint else "")
+             + (f" Baselines not rerun: the frozen backbone is {Path(args.backbone_checkpoint).name}, the AlignSASRec row of an "
+                "earlier run of this script" + (f" ({args.merge}: its rows are merged here, and its table states their settings)"
+                                                if args.merge else "")
+                + "." if args.skip_baselines and args.backbone_checkpoint else "")
              + "\n\n")
-    report.write_comparison(records, name, RESULTS, table,
+    report.write_comparison(records, name, RESULTS, table, reference=args.reference, per_user_dir=per_user_dir,
                             preface=setup + summary(records, serving) + tokenizer_table(records) + curve_table(records))
     print((RESULTS / f"{table}.md").read_text())
 
