@@ -19,7 +19,8 @@ file and 10,000 random lookups are timed (p50/p99).
     python benchmarks/align_genrec.py --dataset=amazon-office --users=0 --budget=0.2 --llm-epochs=10 --eval-step=1 --ablations=default
     # a further setting on the backbone of that run (its log names the AlignSASRec checkpoint), in its own table
     python benchmarks/align_genrec.py --dataset=amazon-office --users=0 --budget=0.1 --llm-epochs=10 --eval-step=1 \
-        --skip-baselines --backbone-checkpoint=saved/AlignSASRec-<time>.pth --ablations=resample --name=align_genrec_amazonoffice_resample
+        --llm-stopping-step=2 --skip-baselines --backbone-checkpoint=saved/AlignSASRec-<time>.pth --ablations=resample \
+        --merge=align_genrec_amazonoffice --reference=AlignGenRec --name=align_genrec_amazonoffice_resample
 """
 
 from __future__ import annotations
