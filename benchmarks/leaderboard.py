@@ -60,6 +60,8 @@ STANDARD = [
 ]
 # AlignLLMRec levers (issue: the LLM earns its cost): named variants, run only when --models names them
 LEVERS = [
+    # items the training split never shows as negatives of every training step (plain SASRec's; the default before)
+    ("AlignSASRec:unseen_negatives", "AlignSASRec", "unseen_negatives", {"unseen_items": "negatives"}),
     ("AlignLLMRec:llm_items", "AlignLLMRec", "llm_items", {"llm_item_scoring": True}),
     ("AlignLLMRec:no_llm_items", "AlignLLMRec", "no_llm_items", {"llm_item_scoring": True, "prompt_reader": "mlp"}),
     ("AlignLLMRec:lr_1e-3", "AlignLLMRec", "lr_1e-3", {"learning_rate": 0.001}),
@@ -131,6 +133,8 @@ def field_use(name: str, config_files: list[str] | None, data_config: dict[str, 
         "AlignLLMRec": f"frozen AlignSASRec (ids + text) + SmolLM2-135M; {text_fields[0] if text_fields else 'no'} text in the prompt",
         "AlignLLMRec:no_llm": "the LLM ablation: the same samples, prompt embeddings and head, read by an MLP of the prefixes' "
                               "trainable size instead of the LLM",
+        "AlignSASRec:unseen_negatives": f"ids + text: {text}; items training never shows are negatives of every step "
+                                        "(unseen_items: negatives, plain SASRec's training)",
         "AlignLLMRec:llm_items": "+ llm_item_scoring: the LLM's vector of each item's title in the score",
         "AlignLLMRec:no_llm_items": "no_llm + llm_item_scoring (the titles' input embeddings, no LLM layers)",
         "AlignLLMRec:lr_1e-3": "learning_rate 1e-3 (default 1e-4)",

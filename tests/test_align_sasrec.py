@@ -97,10 +97,11 @@ def test_holdout_leaves_each_users_last_targets_out_of_the_backbone_and_gives_th
 
 
 def _build(config_dict: dict, dataset: str = "cyclic"):
-    from recbole.data import create_dataset, data_preparation
+    from recbole.data import create_dataset
 
     from recbole_llmalign.config import Config
     from recbole_llmalign.data import prepare_dataset
+    from recbole_llmalign.data.new_items import data_preparation  # RecBole's, plus the new-item protocol
     from recbole_llmalign.utils import get_model
 
     config = Config(model="AlignSASRec", dataset=dataset, config_dict=config_dict)
@@ -251,3 +252,58 @@ def test_trimming_padding_columns_changes_no_score_or_loss(cyclic_dataset, train
         trimmed_loss = model.calculate_loss(batch)
         model._trim = lambda item_seq, seq_len: item_seq  # the untrimmed computation
         torch.testing.assert_close(model.calculate_loss(batch), trimmed_loss)
+
+
+def _rank_of_matching_cold_item(tmp_path, unseen_items: str) -> float:
+    """Mean rank (1 = top, of 14) of the cold item that matches each user's taste, after training."""
+    from recbole_llmalign.trainer import AlignSASRecTrainer
+
+    _cold_item_fixture(tmp_path / unseen_items)
+    config_dict = cyclic_config(str(tmp_path / unseen_items), item_text_fields=["title"], epochs=15, unseen_items=unseen_items,
+                                load_col={"inter": ["user_id", "item_id", "timestamp"], "item": ["item_id", "title"]},
+                                hidden_dropout_prob=0.1, attn_dropout_prob=0.1)
+    config, data, model, (train, valid, test) = _build(config_dict, "cold")
+    assert int(model.unseen_item_mask.sum()) == 2  # the two cold items, nothing else (not the padding row)
+    AlignSASRecTrainer(config, model).fit(train, valid, saved=False, show_progress=False)
+    model.eval()
+    cold_space, cold_pan = data.token2id("item_id", ["cold_space", "cold_pan"])
+    ranks = []
+    with torch.no_grad():
+        for batch in test:
+            scores = model.full_sort_predict(batch[0])[:, 1:]
+            users = [data.id2token("user_id", u) for u in batch[0]["user_id"].tolist()]
+            for row, user in zip(scores, users):
+                target = (cold_space if int(user[1:]) % 2 == 0 else cold_pan) - 1
+                ranks.append(int((row > row[target]).sum()) + 1)
+    return sum(ranks) / len(ranks)
+
+
+def test_unseen_items_scored_from_text_are_not_trained_down_as_negatives(tmp_path):
+    """Plain SASRec training makes an item nobody has bought yet a negative of every step, so even a
+    text-aware model ranks it below every trained item of its kind (rank 7 of the 7 that match a
+    user's taste). Left out of the softmax and given its text neighbours' ID rows, it ranks among them."""
+    as_negatives = _rank_of_matching_cold_item(tmp_path, "negatives")
+    from_text = _rank_of_matching_cold_item(tmp_path, "text")
+    assert as_negatives >= 6.5 and from_text <= as_negatives - 1.5
+
+
+def test_unseen_items_get_no_training_gradient_and_borrow_their_id_row_from_text(cyclic_dataset):
+    data_path, _ = cyclic_dataset
+    for mode, touched in (("text", False), ("negatives", True)):
+        config, data, model, (train, _, _) = _build(cyclic_config(
+            data_path, item_text_fields=["title", "genre"], new_item_ratio=0.2, unseen_items=mode))
+        new = torch.as_tensor(data.new_item_ids)
+        assert torch.equal(torch.nonzero(model.unseen_item_mask).squeeze(1).sort().values, new.sort().values)
+        loss = model.calculate_loss(next(iter(train)))
+        sum(loss).backward()
+        assert bool(model.item_embedding.weight.grad[new].abs().sum() > 0) is touched  # negatives push them down
+    model.unseen_items = "text"  # the evaluation table: an unseen item's own (untrained) ID row plays no part
+    model.eval()
+    table = model._scoring_table().clone()
+    with torch.no_grad():
+        model.item_embedding.weight[new] = torch.randn(len(new), model.hidden_size)
+    model.train().eval()  # drops the cached table
+    assert torch.allclose(model._scoring_table(), table, atol=1e-6)
+    model.unseen_item_neighbours = 0
+    model.train().eval()
+    assert not torch.allclose(model._scoring_table()[new], table[new], atol=1e-3)  # 0 neighbours: its own row again

@@ -40,41 +40,9 @@ from recbole_llmalign.llm.code_prompts import GENERATION_TASKS, compile_template
 from recbole_llmalign.llm.codebook import CodeTrie, code_rows_at_title_centroids, fit_codebook, legacy_level_sizes
 from recbole_llmalign.llm.soft_prompt import CFProjector
 from recbole_llmalign.model.abstract_recommender import FrozenBackboneLLMRecommender
+from recbole_llmalign.model.unseen_items import text_only_item_vectors, training_items
 
 USER_TOKEN = -1  # placeholder id: its input embedding is the projected AlignSASRec sequence vector
-
-
-def training_items(train_dataset: Any, n_items: int) -> torch.Tensor:
-    """[N] bool: the items the training split shows, as a target or in a history (whose backbone ID row was trained)."""
-    inter = train_dataset.inter_feat
-    found = [inter[train_dataset.iid_field]]
-    list_field = getattr(train_dataset, "item_id_list_field", None)
-    if list_field is not None and list_field in inter:
-        found.append(inter[list_field].reshape(-1))
-    seen = torch.zeros(n_items, dtype=torch.bool, device=HOST)
-    seen[torch.cat([f.to(HOST) for f in found]).unique()] = True
-    seen[0] = False  # padding (history slots): not an item
-    return seen
-
-
-def text_only_item_vectors(ids: torch.Tensor, fused: torch.Tensor, trained: torch.Tensor, neighbours: int) -> torch.Tensor:
-    """``ids`` [N, C] with every untrained row (``trained`` [N] False) replaced by the mean of the
-    (unit) ID rows of its ``neighbours`` trained items closest by cosine of ``fused`` text [N, C'].
-
-    An item the training split never shows keeps its random initial ID row in the backbone; coding
-    that noise would give it an arbitrary code. Its text is all that is known about it, so its ID
-    half is read off the trained items whose text is most like its own.
-    """
-    untrained = torch.nonzero(~trained).squeeze(1)
-    known = torch.nonzero(trained).squeeze(1)
-    if len(untrained) == 0 or len(known) == 0 or neighbours <= 0:
-        return ids
-    text = F.normalize(fused, dim=-1)
-    similarity = text[untrained] @ text[known].T  # [U, K]
-    nearest = known[similarity.topk(min(neighbours, len(known)), dim=1).indices]  # [U, k]
-    out = ids.clone()
-    out[untrained] = F.normalize(F.normalize(ids, dim=-1)[nearest].mean(1), dim=-1) * ids[known].norm(dim=-1).mean()
-    return out
 
 
 class AlignGenRec(FrozenBackboneLLMRecommender):

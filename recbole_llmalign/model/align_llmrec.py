@@ -311,6 +311,8 @@ class AlignLLMRec(FrozenBackboneLLMRecommender):
             return self.rerank_loss(interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN], interaction[self.POS_ITEM_ID])
         scores, query = self.scores_and_query(interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN])
         target = interaction[self.POS_ITEM_ID]
+        if getattr(self.backbone, "unseen_items", "negatives") == "text":  # as its backbone trained: not negatives
+            scores = scores.masked_fill(self.backbone.unseen_item_mask, float("-inf"))
         loss = F.cross_entropy(scores, target)
         if self.align_weight > 0:
             fused = self.item_side().fused_text

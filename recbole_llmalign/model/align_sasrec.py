@@ -8,7 +8,11 @@ alignment. RecBole's SASRec supplies the transformer encoder; this class adds
 - next-item loss (CE over all items, or BPR with sampled negatives) plus InfoNCE between
   (a) the sequence representation and the target's fused text, (b) item IDs and their text;
 - ``train_mode: all_positions``: each user window once with a causal mask and a loss at every
-  position (the original SASRec recipe), beside RecBole's ``prefix`` augmentation.
+  position (the original SASRec recipe), beside RecBole's ``prefix`` augmentation;
+- ``unseen_items: text``: an item the training split never shows (new under ``new_item_ratio``)
+  is left out of the CE softmax, since it did not exist when training ran (plain SASRec makes it
+  a negative of every step, which teaches even a text-aware model never to rank it), and its
+  untrained ID row is replaced in scoring by the mean ID row of its nearest trained items by text.
 """
 
 from __future__ import annotations
@@ -20,10 +24,12 @@ import torch.nn.functional as F
 from recbole.model.sequential_recommender.sasrec import SASRec
 
 from recbole_llmalign.model.layers import info_nce
+from recbole_llmalign.model.unseen_items import text_only_item_vectors, training_items
 from recbole_llmalign.text.features import item_text_features
 from recbole_llmalign.text.fusion import CrossAttentionFusion, fuse_in_chunks
 
 ITEM_REPRESENTATIONS = ("id", "text", "id+text")
+UNSEEN_ITEM_MODES = ("text", "negatives")
 TRAIN_MODES = ("prefix", "all_positions")
 
 
@@ -60,6 +66,15 @@ class AlignSASRec(SASRec):
             self.fusion = CrossAttentionFusion(features["meta"].size(-1), review_dim, self.hidden_size,
                                                n_heads=int(config["fusion_heads"]), dropout=self.hidden_dropout_prob)
             self.fusion.apply(self._init_weights)
+        # items the training split never shows (new under new_item_ratio, or seen only in valid/test)
+        mode = config["unseen_items"] or "negatives"  # None: a checkpoint older than the key trained them as negatives
+        if mode not in UNSEEN_ITEM_MODES:
+            raise ValueError(f"unseen_items must be one of {UNSEEN_ITEM_MODES}, got '{mode}'.")
+        self.unseen_items = mode if self.uses_text else "negatives"  # ids only: plain SASRec, nothing to read them from
+        self.unseen_item_neighbours = int(config["unseen_item_neighbours"] or 0)
+        unseen = ~training_items(dataset, self.n_items)
+        unseen[0] = False  # padding: RecBole's CE keeps its column; only real items are left out
+        self.register_buffer("unseen_item_mask", unseen, persistent=False)
         self._eval_table: torch.Tensor | None = None
 
     # ---- item side ----
@@ -90,8 +105,21 @@ class AlignSASRec(SASRec):
             return self._item_table()[0]
         if self._eval_table is None:
             with torch.no_grad():
-                self._eval_table = self._chunked_item_table()
+                self._eval_table = self._with_unseen_items_from_text(self._chunked_item_table())
         return self._eval_table
+
+    def _with_unseen_items_from_text(self, table: torch.Tensor) -> torch.Tensor:
+        """``unseen_items: text``, ids + text: an unseen item's untrained ID row is replaced by the
+        mean ID row of the ``unseen_item_neighbours`` trained items closest to it by fused text
+        (its fused text stays), so it is scored like the items its text resembles."""
+        if self.unseen_items != "text" or self.item_representation != "id+text" or not bool(self.unseen_item_mask.any()):
+            return table
+        ids = self.item_embedding.weight.detach()
+        fused = table - ids  # the table is ID row + fused text
+        trained = ~self.unseen_item_mask
+        trained[0] = False
+        borrowed = text_only_item_vectors(ids[1:], fused[1:], trained[1:], self.unseen_item_neighbours)
+        return torch.cat([table[:1], borrowed + fused[1:]])
 
     def _chunked_item_table(self) -> torch.Tensor:
         if not self.uses_text:
@@ -146,7 +174,10 @@ class AlignSASRec(SASRec):
         table, fused = self._item_table()
         vectors, targets = self._training_pairs(interaction, table)
         if self.loss_type == "CE":
-            next_item_loss = F.cross_entropy(vectors @ table.T, targets)
+            logits = vectors @ table.T
+            if self.unseen_items == "text":  # they did not exist at training time: not negatives of every step
+                logits = logits.masked_fill(self.unseen_item_mask, float("-inf"))
+            next_item_loss = F.cross_entropy(logits, targets)
         else:  # BPR against one uniformly sampled negative per target
             negatives = torch.randint(1, self.n_items, targets.shape, device=targets.device)
             next_item_loss = self.loss_fct((vectors * table[targets]).sum(-1), (vectors * table[negatives]).sum(-1))
