@@ -180,6 +180,9 @@ def main() -> None:
     parser.add_argument("--llm-layers", type=int, default=None, help="llm_layers of the LLM rows (default: their YAML's)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="config override for every run (YAML value); repeatable")
+    parser.add_argument("--rerun", default="",
+                        help="comma list of run ids (as --models) trained again although the results CSV has them "
+                        "(after a fix that changes them); every other finished run is kept")
     parser.add_argument("--fresh", action="store_true", help="ignore finished runs in an existing results CSV")
     parser.add_argument("--name", default=None, help="results name (default leaderboard_<dataset>[-u<N>][_new<ratio>])")
     args = parser.parse_args()
@@ -187,6 +190,9 @@ def main() -> None:
     chosen = [m.strip() for m in args.models.split(",") if m.strip()]
     if set(chosen) - known:
         parser.error(f"unknown --models {sorted(set(chosen) - known)}; choose from {sorted(known)}")
+    rerun = {m.strip() for m in args.rerun.split(",") if m.strip()}
+    if rerun - set(chosen):
+        parser.error(f"--rerun {sorted(rerun - set(chosen))} must also be in --models")
     try:
         seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     except ValueError:
@@ -236,6 +242,7 @@ def main() -> None:
         + "".join(f"{run}: {notes[run]}.\n\n" for run in chosen if run in blocked))
     compare(runs, name, config_files, config_dict=shared, output_dir=RESULTS, name=table, seeds=seeds, reference=args.reference,
             per_user_dir=Path("saved") / "leaderboard" / table, resume=not args.fresh, keep_going=True,
+            rerun=[(model, setting) for run, model, setting, _ in ALL_RUNS if run in rerun],
             table={"preface": preface, "metrics": ["ndcg@10", "recall@10", "hit@5"],
                    "slice_metrics": ["ndcg@10", "recall@10", "hit@5"],
                    "notes": {(model, setting): notes[run] for run, model, setting, _ in ALL_RUNS}})

@@ -15,7 +15,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from logging import getLogger
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from recbole.data import create_dataset
@@ -163,6 +163,25 @@ def run_with_cost(
     return result, cost
 
 
+def backbone_settings_and_key(config: Any, backbone_model: str) -> tuple[dict[str, Any], str]:
+    """(settings the automatic backbone trains with, its cache key).
+
+    The settings are the user's own (not the LLM model's keys) plus the stacking holdout; the key
+    also covers every default the backbone's YAML files give, so a cached backbone from a version
+    whose defaults differ (a new training rule) is not reused as if it were this one.
+    """
+    own = Config(model=config["model"], dataset=config["dataset"], config_dict={"data_path": config["data_path"]})
+    backbone_defaults = Config(model=backbone_model, dataset=config["dataset"],
+                               config_dict={"data_path": config["data_path"]}).internal_config_dict
+    own_keys = set(own.internal_config_dict) - set(backbone_defaults)
+    shared = {k: v for k, v in config.external_config_dict.items() if k not in own_keys | {"model"}}
+    shared.update(data_path=str(Path(config["data_path"]).parent), epochs=int(config["backbone_epochs"]), show_progress=False)
+    holdout = stacking_holdout(config)
+    if holdout:  # stacking (a YAML default, so not among the user's own keys): the backbone holds the same targets out
+        shared["holdout_last_targets"] = holdout
+    return shared, config_key({"dataset": config["dataset"], **shared, "backbone_defaults": backbone_defaults})
+
+
 def ensure_backbone(config: Any, config_file_list: list[str] | None = None) -> None:
     """Train and cache the collaborative backbone a model needs when no checkpoint is given.
 
@@ -176,15 +195,7 @@ def ensure_backbone(config: Any, config_file_list: list[str] | None = None) -> N
     backbone_model = getattr(model_class, "backbone_model", None)
     if backbone_model is None or config["backbone_checkpoint"]:
         return
-    own_keys = set(Config(model=config["model"], dataset=config["dataset"], config_dict={"data_path": config["data_path"]})
-                   .internal_config_dict) - set(Config(model=backbone_model, dataset=config["dataset"],
-                                                       config_dict={"data_path": config["data_path"]}).internal_config_dict)
-    shared = {k: v for k, v in config.external_config_dict.items() if k not in own_keys | {"model"}}
-    shared.update(data_path=str(Path(config["data_path"]).parent), epochs=int(config["backbone_epochs"]), show_progress=False)
-    holdout = stacking_holdout(config)
-    if holdout:  # stacking (a YAML default, so not among the user's own keys): the backbone holds the same targets out
-        shared["holdout_last_targets"] = holdout
-    key = config_key({"dataset": config["dataset"], **shared})
+    shared, key = backbone_settings_and_key(config, backbone_model)
     target = Path(config["checkpoint_dir"]) / "backbones" / f"{backbone_model}-{config['dataset']}-{key}.pth"
     if not target.is_file():
         logger = getLogger()
@@ -425,6 +436,7 @@ def compare(
     reference: str | list[str] | None = None,
     per_user_dir: str | Path | None = None,
     resume: bool = False,
+    rerun: Sequence[tuple[str, str]] = (),
     table: dict[str, Any] | None = None,
     keep_going: bool = False,
 ) -> list[dict[str, Any]]:
@@ -444,7 +456,8 @@ def compare(
     etc., as with one), each further ``R`` adds ``ndcg@10_diff_vs_R`` etc. and its own column and
     table; a reference that is not among the compared models is skipped with a warning.
     ``resume``: runs already in ``<output_dir>/<name>.csv`` (same model, setting and seed) are not
-    rerun but merged, as are that file's other runs. ``table``: keyword arguments for
+    rerun but merged, as are that file's other runs, except the (model, setting) pairs in ``rerun``,
+    which train again (e.g. after a fix that changes them). ``table``: keyword arguments for
     ``report.write_comparison`` (``preface``, ``metrics``, ``slice_metrics``, ``notes``).
     ``keep_going``: a run that fails is logged, listed under the table and skipped (a resumed
     comparison retries it) instead of ending the comparison.
@@ -464,7 +477,7 @@ def compare(
     earlier: dict[tuple[str, str, int | None], dict[str, Any]] = {}
     if resume and (output_dir / f"{name}.csv").is_file():
         _, found = report.records_from_csv(output_dir / f"{name}.csv")
-        earlier = {(r["model"], r["setting"], r["seed"]): r for r in found}
+        earlier = {(r["model"], r["setting"], r["seed"]): r for r in found if (r["model"], r["setting"]) not in set(rerun)}
     plan = [(model, setting, overrides, seed) for seed in (seeds or [None]) for model, setting, overrides in runs]
     planned = {(model, setting, seed) for model, setting, _, seed in plan}
     records = [r for key, r in earlier.items() if key not in planned]  # merged from an earlier, different invocation

@@ -354,6 +354,28 @@ def test_backbone_is_trained_once_and_reused_when_no_checkpoint_is_given(cyclic_
     assert result["test_result"] == first["test_result"]  # training the backbone first does not shift the seed
 
 
+def test_backbone_cache_key_changes_with_the_backbones_yaml_defaults(cyclic_dataset, tiny_llama_dir, monkeypatch):
+    """A cached backbone trained under other defaults (e.g. before ``unseen_items``) is not reused."""
+    from recbole_llmalign import quick_start
+
+    data_path, name = cyclic_dataset
+    config = quick_start.Config(model="AlignLLMRec", dataset=name, config_dict=cyclic_config(
+        data_path, item_text_fields=["title"], llm_path=str(tiny_llama_dir)))
+    shared, key = quick_start.backbone_settings_and_key(config, "AlignSASRec")
+    assert quick_start.backbone_settings_and_key(config, "AlignSASRec") == (shared, key)  # stable
+    real = quick_start.Config
+
+    class OlderDefaults(real):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            if kwargs.get("model") == "AlignSASRec":
+                self.internal_config_dict["unseen_items"] = "negatives"
+
+    monkeypatch.setattr(quick_start, "Config", OlderDefaults)
+    older_shared, older_key = quick_start.backbone_settings_and_key(config, "AlignSASRec")
+    assert older_shared == shared and older_key != key
+
+
 def test_by_default_the_automatic_backbone_holds_out_last_targets_and_alignllmrec_trains_on_them(cyclic_dataset, tiny_llama_dir):
     from pathlib import Path
 

@@ -421,6 +421,12 @@ def test_compare_runs_every_seed_writes_aggregates_and_bootstrap_and_resumes(cyc
             reference="Pop", per_user_dir=per_user, resume=True)
     table = (out / "seeded.md").read_text()
     assert table.index("| Pop | default |") < table.index("| GRU4Rec | default |") < table.index("| Pop | again |")
+    # rerun: the named (model, setting) trains again, every other finished run is kept as it was
+    stamps = {p.name: p.stat().st_mtime_ns for p in per_user.iterdir()}
+    compare(["Pop", "GRU4Rec"], name, config_dict=config, output_dir=out, name="seeded", seeds=[2020],
+            reference="Pop", per_user_dir=per_user, resume=True, rerun=[("Pop", "default")])
+    changed = {p.name for p in per_user.iterdir() if p.stat().st_mtime_ns != stamps.get(p.name)}
+    assert changed == {"Pop__default__seed2020.csv"}
 
 
 def test_cli_passes_seeds_and_reference_to_compare(monkeypatch):
