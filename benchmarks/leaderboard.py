@@ -15,7 +15,8 @@ Recall@10, HR@5 (mean ± std over seeds), the paired-bootstrap NDCG@10 differenc
 interval, pooled over seeds; ``--reference=SASRec,AlignSASRec``: a column per reference), s/epoch,
 epochs, stopped_by, peak memory. Runs are resumable: rerun
 the same command after a crash or with more ``--models`` / ``--seeds`` and finished runs are kept
-(``--fresh`` starts over). Per-user test metrics go to ``saved/leaderboard/<name>/`` (not results/).
+(``--fresh`` starts over; ``--rerun=AlignLLMRec,...`` trains the named runs again and keeps the
+rest). Per-user test metrics go to ``saved/leaderboard/<name>/`` (not results/).
 
     python benchmarks/leaderboard.py --dataset=amazon-office --seeds=2020,2021,2022
     python benchmarks/leaderboard.py --dataset=amazon-office --seeds=2020,2021,2022 --new-item-ratio=0.1
