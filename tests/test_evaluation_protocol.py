@@ -53,6 +53,14 @@ def test_item_text_field_words_cuts_only_the_named_field(tmp_path):
 
 # ---- amazon-office ----
 
+@pytest.mark.parametrize("dataset, verb", [("amazon-office", "bought"), ("amazon-games", "bought"), ("ml-100k", "watched")])
+def test_the_llm_prompt_speaks_of_what_the_dataset_records(tmp_path, dataset, verb):
+    """Amazon data records purchases, MovieLens viewings: the prompt and instruction say so."""
+    config = Config(model="AlignLLMRec", dataset=dataset, config_dict={"data_path": str(tmp_path), "state": "ERROR"})
+    assert f"recently {verb} {{history}}" in config["prompt_template"]
+    assert f"what a user {verb}" in config["instruction_text"]
+
+
 def test_amazon_office_is_found_like_amazon_games_with_its_item_text(tmp_path):
     if not (SHARED_DATA / "amazon-office" / "amazon-office.inter").is_file():
         pytest.skip(f"shared amazon-office data not found under {SHARED_DATA}")
