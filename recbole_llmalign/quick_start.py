@@ -171,9 +171,12 @@ def backbone_settings_and_key(config: Any, backbone_model: str) -> tuple[dict[st
     whose defaults differ (a new training rule) is not reused as if it were this one.
     """
     own = Config(model=config["model"], dataset=config["dataset"], config_dict={"data_path": config["data_path"]})
-    backbone_defaults = Config(model=backbone_model, dataset=config["dataset"],
-                               config_dict={"data_path": config["data_path"]}).internal_config_dict
-    own_keys = set(own.internal_config_dict) - set(backbone_defaults)
+    backbone = Config(model=backbone_model, dataset=config["dataset"], config_dict={"data_path": config["data_path"]})
+    # The LLM model's own keys: those its YAML files declare and the backbone's do not. A dataset
+    # YAML may set some of them (the Amazon prompt wording); they still change no backbone weight.
+    own_keys = (set(own.internal_config_dict) - set(backbone.internal_config_dict)) | (
+        set(own.plugin_defaults) - set(backbone.plugin_defaults))
+    backbone_defaults = {k: v for k, v in backbone.internal_config_dict.items() if k not in own_keys}
     shared = {k: v for k, v in config.external_config_dict.items() if k not in own_keys | {"model"}}
     shared.update(data_path=str(Path(config["data_path"]).parent), epochs=int(config["backbone_epochs"]), show_progress=False)
     holdout = stacking_holdout(config)

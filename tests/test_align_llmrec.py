@@ -355,7 +355,8 @@ def test_backbone_is_trained_once_and_reused_when_no_checkpoint_is_given(cyclic_
 
 
 def test_backbone_cache_key_changes_with_the_backbones_yaml_defaults(cyclic_dataset, tiny_llama_dir, monkeypatch):
-    """A cached backbone trained under other defaults (e.g. before ``unseen_items``) is not reused."""
+    """A cached backbone trained under other defaults (e.g. before ``unseen_items``) is not reused;
+    an LLM-only key (the prompt) does not retrain it."""
     from recbole_llmalign import quick_start
 
     data_path, name = cyclic_dataset
@@ -371,6 +372,13 @@ def test_backbone_cache_key_changes_with_the_backbones_yaml_defaults(cyclic_data
             if kwargs.get("model") == "AlignSASRec":
                 self.internal_config_dict["unseen_items"] = "negatives"
 
+    class DatasetWordsThePrompt(real):  # a dataset YAML setting an LLM-only key, as the Amazon ones do
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.internal_config_dict["prompt_template"] = "User {user} recently bought {history}. Next:"
+
+    monkeypatch.setattr(quick_start, "Config", DatasetWordsThePrompt)
+    assert quick_start.backbone_settings_and_key(config, "AlignSASRec") == (shared, key)  # no weight changes
     monkeypatch.setattr(quick_start, "Config", OlderDefaults)
     older_shared, older_key = quick_start.backbone_settings_and_key(config, "AlignSASRec")
     assert older_shared == shared and older_key != key
