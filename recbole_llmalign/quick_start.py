@@ -174,8 +174,9 @@ def backbone_settings_and_key(config: Any, backbone_model: str) -> tuple[dict[st
     backbone = Config(model=backbone_model, dataset=config["dataset"], config_dict={"data_path": config["data_path"]})
     # The LLM model's own keys: those its YAML files declare and the backbone's do not. A dataset
     # YAML may set some of them (the Amazon prompt wording); they still change no backbone weight.
+    backbone_declared = set(backbone.plugin_defaults) | set(backbone.recbole_defaults)
     own_keys = (set(own.internal_config_dict) - set(backbone.internal_config_dict)) | (
-        set(own.plugin_defaults) - set(backbone.plugin_defaults))
+        set(own.plugin_defaults) - backbone_declared)
     backbone_defaults = {k: v for k, v in backbone.internal_config_dict.items() if k not in own_keys}
     shared = {k: v for k, v in config.external_config_dict.items() if k not in own_keys | {"model"}}
     shared.update(data_path=str(Path(config["data_path"]).parent), epochs=int(config["backbone_epochs"]), show_progress=False)

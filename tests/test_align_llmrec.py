@@ -362,6 +362,13 @@ def test_backbone_cache_key_changes_with_the_backbones_yaml_defaults(cyclic_data
     data_path, name = cyclic_dataset
     config = quick_start.Config(model="AlignLLMRec", dataset=name, config_dict=cyclic_config(
         data_path, item_text_fields=["title"], llm_path=str(tiny_llama_dir)))
+    keyed: dict = {}
+    monkeypatch.setattr(quick_start, "config_key", lambda values: keyed.update(values) or "key")
+    quick_start.backbone_settings_and_key(config, "AlignSASRec")
+    # keys both models have (learning_rate, epochs: RecBole's) stay the backbone's; the LLM's own do not
+    assert {"learning_rate", "epochs", "unseen_items"} <= set(keyed["backbone_defaults"])
+    assert not {"prompt_template", "llm_path"} & set(keyed["backbone_defaults"])
+    monkeypatch.undo()
     shared, key = quick_start.backbone_settings_and_key(config, "AlignSASRec")
     assert quick_start.backbone_settings_and_key(config, "AlignSASRec") == (shared, key)  # stable
     real = quick_start.Config
