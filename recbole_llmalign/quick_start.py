@@ -461,7 +461,8 @@ def compare(
     table; a reference that is not among the compared models is skipped with a warning.
     ``resume``: runs already in ``<output_dir>/<name>.csv`` (same model, setting and seed) are not
     rerun but merged, as are that file's other runs, except the (model, setting) pairs in ``rerun``,
-    which train again (e.g. after a fix that changes them). ``table``: keyword arguments for
+    which train again for this call's seeds (e.g. after a fix that changes them; their other seeds'
+    rows are kept, and a rerun that fails keeps its earlier row). ``table``: keyword arguments for
     ``report.write_comparison`` (``preface``, ``metrics``, ``slice_metrics``, ``notes``).
     ``keep_going``: a run that fails is logged, listed under the table and skipped (a resumed
     comparison retries it) instead of ending the comparison.
@@ -481,7 +482,7 @@ def compare(
     earlier: dict[tuple[str, str, int | None], dict[str, Any]] = {}
     if resume and (output_dir / f"{name}.csv").is_file():
         _, found = report.records_from_csv(output_dir / f"{name}.csv")
-        earlier = {(r["model"], r["setting"], r["seed"]): r for r in found if (r["model"], r["setting"]) not in set(rerun)}
+        earlier = {(r["model"], r["setting"], r["seed"]): r for r in found}
     plan = [(model, setting, overrides, seed) for seed in (seeds or [None]) for model, setting, overrides in runs]
     planned = {(model, setting, seed) for model, setting, _, seed in plan}
     records = [r for key, r in earlier.items() if key not in planned]  # merged from an earlier, different invocation
@@ -500,7 +501,7 @@ def compare(
     context = multiprocessing.get_context("spawn")
     progress = tqdm(plan, desc=f"compare on {dataset}", unit="run")
     for model, setting, overrides, seed in progress:
-        if (model, setting, seed) in earlier:
+        if (model, setting, seed) in earlier and (model, setting) not in set(rerun):
             records.append(earlier[(model, setting, seed)])
             continue
         progress.set_postfix_str(f"{model} ({setting}{'' if seed is None else f', seed {seed}'})")
@@ -514,6 +515,8 @@ def compare(
             message = " ".join(f"{type(error).__name__}: {error}".split())
             logging.getLogger(__name__).error(f"compare: {model} ({setting}, seed {seed}) failed and is skipped: {message}")
             failures.append(f"- {model} ({setting}{'' if seed is None else f', seed {seed}'}) failed: {message[:500]}\n")
+            if (model, setting, seed) in earlier:  # a failed rerun keeps the earlier result rather than lose it
+                records.append(earlier[(model, setting, seed)])
             continue
         record = {"model": model, "setting": setting, "seed": seed, "result": result, "cost": cost}
         if cost.get("per_user_file"):

@@ -435,6 +435,15 @@ def test_compare_runs_every_seed_writes_aggregates_and_bootstrap_and_resumes(cyc
             reference="Pop", per_user_dir=per_user, resume=True, rerun=[("Pop", "default")])
     changed = {p.name for p in per_user.iterdir() if p.stat().st_mtime_ns != stamps.get(p.name)}
     assert changed == {"Pop__default__seed2020.csv"}
+    written = {(r["model"], r["setting"]) for r in csv.DictReader(open(out / "seeded.csv", encoding="utf-8"))}
+    assert {("Pop", "default/seed_2020"), ("Pop", "default/seed_2021")} <= written  # the seed not rerun is kept
+    assert "| Pop | default | 2 |" in (out / "seeded.md").read_text()
+    # a rerun that fails keeps the earlier result and is listed as failed
+    compare([("Pop", "default", {"epochs": "abc"})], name, config_dict=config, output_dir=out, name="seeded", seeds=[2020],
+            reference="Pop", per_user_dir=per_user, resume=True, rerun=[("Pop", "default")], keep_going=True)
+    written = {(r["model"], r["setting"]) for r in csv.DictReader(open(out / "seeded.csv", encoding="utf-8"))}
+    assert {("Pop", "default/seed_2020"), ("Pop", "default/seed_2021")} <= written
+    assert "Pop (default, seed 2020) failed" in (out / "seeded.md").read_text()
 
 
 def test_cli_passes_seeds_and_reference_to_compare(monkeypatch):
