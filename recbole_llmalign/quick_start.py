@@ -166,19 +166,24 @@ def run_with_cost(
 def backbone_settings_and_key(config: Any, backbone_model: str) -> tuple[dict[str, Any], str]:
     """(settings the automatic backbone trains with, its cache key).
 
-    The settings are the user's own (not the LLM model's keys) plus the stacking holdout; the key
-    also covers every default the backbone's YAML files give, so a cached backbone from a version
-    whose defaults differ (a new training rule) is not reused as if it were this one.
+    The settings are the user's own except the keys the LLM model's YAML files declare (its
+    schedule: ``epochs``, ``eval_step``, ``learning_rate``, ``train_batch_size``, ... and its own
+    keys), plus the stacking holdout; a user who tunes the backbone trains it and passes
+    ``backbone_checkpoint``. The key also covers every default the backbone's YAML files give, so
+    a cached backbone from a version whose defaults differ (a new training rule) is not reused.
     """
     own = Config(model=config["model"], dataset=config["dataset"], config_dict={"data_path": config["data_path"]})
     backbone = Config(model=backbone_model, dataset=config["dataset"], config_dict={"data_path": config["data_path"]})
-    # The LLM model's own keys: those its YAML files declare and the backbone's do not. A dataset
-    # YAML may set some of them (the Amazon prompt wording); they still change no backbone weight.
+    # Keys only the LLM model has: a dataset YAML may set some (the Amazon prompt wording); they
+    # change no backbone weight, so they stay out of its defaults and its key.
     backbone_declared = set(backbone.plugin_defaults) | set(backbone.recbole_defaults)
     own_keys = (set(own.internal_config_dict) - set(backbone.internal_config_dict)) | (
         set(own.plugin_defaults) - backbone_declared)
     backbone_defaults = {k: v for k, v in backbone.internal_config_dict.items() if k not in own_keys}
-    shared = {k: v for k, v in config.external_config_dict.items() if k not in own_keys | {"model"}}
+    # Keys the LLM model's own YAML files set (not the plugin-wide overall.yaml): a user setting
+    # one means the LLM training (--eval_step=3 for 3 LLM epochs), not the backbone's.
+    llm_schedule = {k for k, (_, where) in own.plugin_defaults.items() if Path(where).name != "overall.yaml"}
+    shared = {k: v for k, v in config.external_config_dict.items() if k not in own_keys | llm_schedule | {"model"}}
     shared.update(data_path=str(Path(config["data_path"]).parent), epochs=int(config["backbone_epochs"]), show_progress=False)
     holdout = stacking_holdout(config)
     if holdout:  # stacking (a YAML default, so not among the user's own keys): the backbone holds the same targets out

@@ -362,6 +362,11 @@ def test_backbone_cache_key_changes_with_the_backbones_yaml_defaults(cyclic_data
     data_path, name = cyclic_dataset
     config = quick_start.Config(model="AlignLLMRec", dataset=name, config_dict=cyclic_config(
         data_path, item_text_fields=["title"], llm_path=str(tiny_llama_dir)))
+    tuned = quick_start.Config(model="AlignLLMRec", dataset=name, config_dict=cyclic_config(
+        data_path, item_text_fields=["title"], llm_path=str(tiny_llama_dir), eval_step=3, learning_rate=1e-3, stopping_step=4))
+    tuned_shared, _ = quick_start.backbone_settings_and_key(tuned, "AlignSASRec")
+    # the LLM training's schedule (keys its YAML sets) stays the LLM's; a key it does not set is shared
+    assert "eval_step" not in tuned_shared and "learning_rate" not in tuned_shared and tuned_shared["stopping_step"] == 4
     keyed: dict = {}
     monkeypatch.setattr(quick_start, "config_key", lambda values: keyed.update(values) or "key")
     quick_start.backbone_settings_and_key(config, "AlignSASRec")
