@@ -231,12 +231,19 @@ class Config(RecBoleConfig):
                 raise key_type_error(key, expected, default, file_name, value)
 
 
+# Keys a checkpoint written before them was trained without: the value that matches how it trained.
+UPGRADED_AS_TRAINED: dict[str, dict[str, Any]] = {
+    "AlignSASRec": {"unseen_items": "negatives"},  # before the key every unseen item was a CE negative
+}
+
+
 def upgrade_config(config: Any) -> Any:
     """Bring the Config pickled in an older checkpoint up to this version, in place, and return it.
 
     - ``AlignLLMRec`` with ``task: labeled`` became its own model, ``AlignLLMRecCTR``.
     - Keys added to the plugin's YAML files since the checkpoint was written get their defaults
-      (values the checkpoint holds are never changed).
+      (values the checkpoint holds are never changed), except a key whose default changed the
+      training rule: it gets the rule the checkpoint was trained by (``UPGRADED_AS_TRAINED``).
     """
     import yaml
 
@@ -245,6 +252,8 @@ def upgrade_config(config: Any) -> Any:
         values["model"] = "AlignLLMRecCTR"
         config.model = "AlignLLMRecCTR"
         del values["task"]
+    for key, as_trained in UPGRADED_AS_TRAINED.get(values["model"], {}).items():
+        values.setdefault(key, as_trained)
     files = [PROPERTIES_DIR / "overall.yaml", *model_property_files(get_model(values["model"]))]
     for file in files:
         for key, value in (yaml.safe_load(file.read_text(encoding="utf-8")) or {}).items():

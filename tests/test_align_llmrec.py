@@ -62,6 +62,19 @@ def _build(trained_backbone, tiny_llama_dir, **overrides):
     return config, get_model("AlignLLMRec")(config, train._dataset), (train, valid, test)
 
 
+def test_alignllmrec_masks_its_own_unseen_items_not_those_of_its_holdout_backbone(trained_backbone, tiny_llama_dir):
+    """Its targets are the backbone's held-out ones, which a holdout backbone counts as unseen."""
+    from recbole_llmalign.model.unseen_items import training_items
+
+    _, model, (train, _, _) = _build(trained_backbone, tiny_llama_dir, denoise_samples=False)
+    assert torch.equal(model.unseen_item_mask, ~training_items(train._dataset, model.n_items))
+    batch = next(iter(train))
+    model.backbone.unseen_items = "text"
+    model.backbone.unseen_item_mask[batch[model.POS_ITEM_ID]] = True  # items seen only as held-out targets
+    loss = model.calculate_loss(batch)
+    assert bool(torch.isfinite(sum(loss) if isinstance(loss, tuple) else loss))
+
+
 def test_soft_tokens_carry_projected_cf_vectors_and_prefixes_have_layer_shapes(trained_backbone, tiny_llama_dir):
     _, model, (train, _, _) = _build(trained_backbone, tiny_llama_dir)
     model.eval()  # projector dropout off, so the same inputs give the same soft tokens

@@ -96,6 +96,21 @@ def test_holdout_leaves_each_users_last_targets_out_of_the_backbone_and_gives_th
     assert covered == {0, 1, 2, 4, 5}  # every target but the users' last ones (rows 3 and 6)
 
 
+def test_items_seen_only_in_held_out_targets_count_as_untrained():
+    """A backbone with holdout_last_targets N trains no window that reaches a user's last N targets."""
+    from types import SimpleNamespace
+
+    from recbole_llmalign.model.unseen_items import training_items
+
+    # user 1 saw 1, 2, 3, 4 and user 2 saw 5, 6, 7: one row per prefix, users contiguous, in time order
+    inter = {"user_id": torch.tensor([1, 1, 1, 2, 2]), "item_id": torch.tensor([2, 3, 4, 6, 7]),
+             "item_id_list": torch.tensor([[1, 0, 0], [1, 2, 0], [1, 2, 3], [5, 0, 0], [5, 6, 0]])}
+    dataset = SimpleNamespace(inter_feat=inter, uid_field="user_id", iid_field="item_id", item_id_list_field="item_id_list")
+    assert torch.nonzero(training_items(dataset, 9)).squeeze(1).tolist() == [1, 2, 3, 4, 5, 6, 7]
+    assert torch.nonzero(training_items(dataset, 9, holdout=1)).squeeze(1).tolist() == [1, 2, 3, 5, 6]  # not 4, 7
+    assert torch.nonzero(training_items(dataset, 9, holdout=2)).squeeze(1).tolist() == [1, 2]  # user 2: no row left
+
+
 def _build(config_dict: dict, dataset: str = "cyclic"):
     from recbole.data import create_dataset
 
@@ -307,3 +322,15 @@ def test_unseen_items_get_no_training_gradient_and_borrow_their_id_row_from_text
     model.unseen_item_neighbours = 0
     model.train().eval()
     assert not torch.allclose(model._scoring_table()[new], table[new], atol=1e-3)  # 0 neighbours: its own row again
+
+
+def test_a_checkpoint_from_before_unseen_items_loads_with_the_rule_it_was_trained_by():
+    from types import SimpleNamespace
+
+    from recbole_llmalign.config import upgrade_config
+
+    old = upgrade_config(SimpleNamespace(final_config_dict={"model": "AlignSASRec"}, model="AlignSASRec"))
+    assert old.final_config_dict["unseen_items"] == "negatives"  # not today's default (text)
+    assert old.final_config_dict["unseen_item_neighbours"] == 10  # a key without a rule gets its default
+    kept = upgrade_config(SimpleNamespace(final_config_dict={"model": "AlignSASRec", "unseen_items": "text"}, model="AlignSASRec"))
+    assert kept.final_config_dict["unseen_items"] == "text"

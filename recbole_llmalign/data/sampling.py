@@ -82,7 +82,8 @@ def all_positions_index(user_ids: np.ndarray, window: int, holdout: int = 0) -> 
     rows contiguous and in time order. Keeping the user's last row and every ``window``-th row
     before it gives windows whose targets cover every training interaction exactly once; with a
     loss at every position, one pass over them is one pass over the data. ``holdout`` > 0 leaves
-    each user's last ``holdout`` targets out of every window (they stay visible as inputs only).
+    each user's last ``holdout`` targets out of every window, as targets and as inputs (each user's
+    last window ends before them).
     """
     distance = distance_to_user_end(user_ids) - holdout
     return np.flatnonzero((distance >= 0) & (distance % window == 0))

@@ -75,7 +75,8 @@ class AlignGenRec(FrozenBackboneLLMRecommender):
         self.register_buffer("code_level", torch.zeros(0, dtype=torch.long), persistent=False)  # level of each code row
         self.codebook_size = int(config["codebook_size"])
         self.text_neighbours = int(config["codebook_text_neighbours"])
-        self.register_buffer("trained_items", training_items(dataset, self.n_items), persistent=False)
+        self.register_buffer("trained_items", training_items(dataset, self.n_items, self.backbone_holdout),
+                             persistent=False)  # the items whose backbone ID rows trained
         self.register_parameter("code_embeddings", None)  # [total codes, H], made by install_codes
         # rows for the run's CSV: the tokenizer report (set when fitted) and how many generated beams were real items
         self.cost_report: dict[str, float] = {}

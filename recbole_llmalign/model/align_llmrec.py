@@ -34,6 +34,7 @@ from recbole_llmalign.llm.soft_prompt import (
 )
 from recbole_llmalign.model.abstract_recommender import FrozenBackboneLLMRecommender
 from recbole_llmalign.model.layers import info_nce
+from recbole_llmalign.model.unseen_items import training_items
 
 PROMPT_READERS = ("llm", "mlp")  # what reads the prompt: the LLM, or the no_llm ablation's MLP
 
@@ -63,6 +64,10 @@ class AlignLLMRec(FrozenBackboneLLMRecommender):
         self._build_head(config, dataset)
         self.align_weight = float(config["llm_align_weight"])
         self.align_temperature = float(config["align_temperature"])
+        # items no training target or history shows: left out of the CE when the backbone leaves them
+        # out (unseen_items: text). Its own, not the backbone's: the held-out targets are this model's.
+        unseen = ~training_items(dataset, self.n_items)
+        self.register_buffer("unseen_item_mask", unseen, persistent=False)
         self._item_side: ItemSide | None = None
         self.cost_report: dict[str, float] = {}  # rows for the run's CSV (rerank_top_n: training samples seen and used)
         self._instruction_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None
@@ -312,7 +317,7 @@ class AlignLLMRec(FrozenBackboneLLMRecommender):
         scores, query = self.scores_and_query(interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN])
         target = interaction[self.POS_ITEM_ID]
         if getattr(self.backbone, "unseen_items", "negatives") == "text":  # as its backbone trained: not negatives
-            scores = scores.masked_fill(self.backbone.unseen_item_mask, float("-inf"))
+            scores = scores.masked_fill(self.unseen_item_mask, float("-inf"))
         loss = F.cross_entropy(scores, target)
         if self.align_weight > 0:
             fused = self.item_side().fused_text

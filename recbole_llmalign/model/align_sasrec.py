@@ -72,7 +72,7 @@ class AlignSASRec(SASRec):
             raise ValueError(f"unseen_items must be one of {UNSEEN_ITEM_MODES}, got '{mode}'.")
         self.unseen_items = mode if self.uses_text else "negatives"  # ids only: plain SASRec, nothing to read them from
         self.unseen_item_neighbours = int(config["unseen_item_neighbours"] or 0)
-        unseen = ~training_items(dataset, self.n_items)
+        unseen = ~training_items(dataset, self.n_items, int(config["holdout_last_targets"] or 0))  # as the loss sees them
         unseen[0] = False  # padding: RecBole's CE keeps its column; only real items are left out
         self.register_buffer("unseen_item_mask", unseen, persistent=False)
         self._eval_table: torch.Tensor | None = None

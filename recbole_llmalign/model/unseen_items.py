@@ -9,19 +9,30 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
+from recbole_llmalign.data.sampling import distance_to_user_end
 from recbole_llmalign.devices import HOST
 
 
-def training_items(train_dataset: Any, n_items: int) -> torch.Tensor:
-    """[N] bool: the items the training split shows, as a target or in a history (whose backbone ID row was trained)."""
+def training_items(train_dataset: Any, n_items: int, holdout: int = 0) -> torch.Tensor:
+    """[N] bool: the items the training split shows, as a target or in a history (whose backbone ID row was trained).
+
+    ``holdout`` > 0 (``holdout_last_targets``): the rows of each user's last ``holdout`` targets
+    are left out, as the backbone's loss leaves them out (neither target nor input of any window
+    it trains on), so an item seen only there counts as untrained.
+    """
     inter = train_dataset.inter_feat
-    found = [inter[train_dataset.iid_field]]
+    rows = slice(None)
+    if holdout > 0:
+        users = inter[train_dataset.uid_field].numpy()
+        rows = torch.from_numpy(np.flatnonzero(distance_to_user_end(users) >= holdout))
+    found = [inter[train_dataset.iid_field][rows]]
     list_field = getattr(train_dataset, "item_id_list_field", None)
     if list_field is not None and list_field in inter:
-        found.append(inter[list_field].reshape(-1))
+        found.append(inter[list_field][rows].reshape(-1))
     seen = torch.zeros(n_items, dtype=torch.bool, device=HOST)
     seen[torch.cat([f.to(HOST) for f in found]).unique()] = True
     seen[0] = False  # padding (history slots): not an item
