@@ -75,6 +75,20 @@ def test_alignllmrec_masks_its_own_unseen_items_not_those_of_its_holdout_backbon
     assert bool(torch.isfinite(sum(loss) if isinstance(loss, tuple) else loss))
 
 
+def test_history_tokens_of_unseen_items_carry_the_id_rows_their_backbone_scores_with(trained_backbone, tiny_llama_dir):
+    _, model, _ = _build(trained_backbone, tiny_llama_dir)
+    backbone = model.backbone
+    unseen = torch.tensor([3, 7])
+    backbone.unseen_items, backbone.unseen_item_mask[unseen] = "text", True
+    backbone._eval_table, model._item_side = None, None
+    side = model.item_side()
+    raw = backbone.item_embedding.weight.detach()
+    trained = ~backbone.unseen_item_mask
+    assert torch.allclose(side.ids[trained], raw[trained], atol=1e-5)
+    assert not torch.allclose(side.ids[unseen], raw[unseen], atol=1e-3)  # borrowed from text neighbours, not untrained
+    assert torch.allclose(side.ids[unseen] + side.fused_text[unseen], side.scoring[unseen], atol=1e-5)
+
+
 def test_soft_tokens_carry_projected_cf_vectors_and_prefixes_have_layer_shapes(trained_backbone, tiny_llama_dir):
     _, model, (train, _, _) = _build(trained_backbone, tiny_llama_dir)
     model.eval()  # projector dropout off, so the same inputs give the same soft tokens

@@ -44,7 +44,7 @@ class ItemSide:
 
     def __init__(self, scoring: torch.Tensor, ids: torch.Tensor, fused_text: torch.Tensor) -> None:
         self.scoring = scoring  # [N, C] the table the backbone ranks with
-        self.ids = ids  # [N, C] item ID embeddings
+        self.ids = ids  # [N, C] item ID embeddings (an unseen item's borrowed from its text neighbours, as scored)
         self.fused_text = fused_text  # [N, C] fused item text (the scoring table for an ID-only backbone)
 
 
@@ -179,7 +179,10 @@ class AlignLLMRec(FrozenBackboneLLMRecommender):
             with torch.no_grad():
                 table = self.backbone._scoring_table().detach()
                 fused = self.backbone.fused_text()[0].detach() if self.backbone.uses_text else table
-                self._item_side = ItemSide(table, self.backbone.item_embedding.weight.detach(), fused)
+                ids = self.backbone.item_embedding.weight.detach()
+                if self.backbone.uses_text and self.backbone.item_representation == "id+text":
+                    ids = table - fused  # the ID half it scores with: an unseen item's borrowed row, not its untrained one
+                self._item_side = ItemSide(table, ids, fused)
         return self._item_side
 
     # ---- LLM pass ----
