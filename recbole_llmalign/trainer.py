@@ -257,6 +257,7 @@ class SampleBudgetTrainer(RunControlsMixin, HistoryExclusionMixin, Trainer):
             show_progress: bool = False, callback_fn: Any = None) -> Any:
         self._all_training_rows = train_data
         self.drawn_samples: set[int] = set()  # distinct training rows trained on over all draws
+        self._draws_counted: set[int] = set()
         loader = self._draw_loader(0)
         self.before_training(valid_data, saved)
         return super().fit(loader, valid_data, verbose, saved, show_progress, callback_fn)
@@ -268,12 +269,17 @@ class SampleBudgetTrainer(RunControlsMixin, HistoryExclusionMixin, Trainer):
         index = self.select_samples(train_data._dataset, draw=draw)
         self.training_samples = len(index)
         self.drawn_samples.update(index.tolist())
+        self._draws_counted.add(draw)
         again = f" (draw {draw}; {len(self.drawn_samples)} distinct so far)" if draw else ""
         self.logger.info(f"{self.config['model']} trains on {len(index)} of {len(train_data._dataset)} training samples{again}.")
         return subset_loader(self.config, train_data, index, int(self.config["train_batch_size"]))
 
     def _train_epoch(self, train_data: Any, epoch_idx: int, *args: Any, **kwargs: Any) -> Any:
         if epoch_idx > 0 and self.config["resample_each_epoch"]:
+            for earlier in range(1, epoch_idx):  # a resumed run: count the draws its earlier epochs trained on
+                if earlier not in self._draws_counted:
+                    self.drawn_samples.update(self.select_samples(self._all_training_rows._dataset, draw=earlier).tolist())
+                    self._draws_counted.add(earlier)
             train_data = self._draw_loader(epoch_idx)  # a fresh subset per epoch, reproducible from the epoch number
         return super()._train_epoch(train_data, epoch_idx, *args, **kwargs)
 

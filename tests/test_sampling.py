@@ -37,7 +37,7 @@ def test_denoising_drops_targets_that_share_no_word_with_the_history():
     assert content_words("The Lord of the Rings") == {"lord", "rings"}
 
 
-def _budget_trainer_run(cyclic_dataset, resample: bool) -> tuple[list[set[int]], int]:
+def _budget_trainer_run(cyclic_dataset, resample: bool, start_epoch: int = 0) -> tuple[list[set[int]], int]:
     """Rows each epoch of a SampleBudgetTrainer trained on, on the cyclic fixture (GRU4Rec: no LLM needed)."""
     import torch
     from recbole.config import Config
@@ -64,6 +64,7 @@ def _budget_trainer_run(cyclic_dataset, resample: bool) -> tuple[list[set[int]],
 
     torch.manual_seed(0)
     trainer._train_epoch = record.__get__(trainer)
+    trainer.start_epoch = start_epoch  # as resume_checkpoint sets it
     trainer.fit(train, valid, saved=False)
     return per_epoch, trainer.training_samples
 
@@ -76,3 +77,9 @@ def test_resample_each_epoch_draws_a_fresh_seeded_subset_and_off_keeps_one(cycli
     assert len(fresh[1]) > rows // 2 and len(fresh[2]) > 0  # later epochs bring rows never trained on before
     again, _ = _budget_trainer_run(cyclic_dataset, resample=True)
     assert again == fresh  # seeded by the epoch number
+
+
+def test_a_resumed_resampling_run_counts_the_draws_of_its_earlier_epochs(cyclic_dataset):
+    full, _ = _budget_trainer_run(cyclic_dataset, resample=True)
+    resumed, _ = _budget_trainer_run(cyclic_dataset, resample=True, start_epoch=2)
+    assert len(resumed) == 1 and resumed[0] == set().union(*full)  # train_samples_distinct as if never stopped
