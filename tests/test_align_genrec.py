@@ -27,6 +27,20 @@ def test_codebook_codes_are_unique_and_report_collisions():
     assert 0 < result.report["level0_usage"] <= 1 and result.report["reconstruction_mse"] >= 0
 
 
+def test_the_same_fit_gives_the_same_codes_on_two_threads():
+    """Indexing's gradient accumulated in thread order: two runs of one config coded items differently."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        generator = torch.Generator().manual_seed(0)
+        vectors, targets = torch.randn(2420, 128, generator=generator), torch.randn(2420, 96, generator=generator)
+        has_text = torch.ones(2420, dtype=torch.bool)
+        first, second = (fit_codebook(vectors, targets, has_text, steps=100, show_progress=False) for _ in range(2))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(first.codes, second.codes) and first.report == second.report
+
+
 def test_resolution_uses_distinct_last_codes_before_adding_a_level():
     codes = torch.tensor([[1, 2], [1, 2], [1, 2], [0, 0]])
     residual, book = torch.randn(4, 3), torch.randn(4, 3)

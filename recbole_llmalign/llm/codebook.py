@@ -43,11 +43,17 @@ class ResidualCodebook(nn.Module):
         for level in range(self.codebooks.size(0)):
             residuals.append(residual)
             code = torch.cdist(residual, self.codebooks[level]).argmin(dim=1)
-            chosen = self.codebooks[level][code]
+            chosen = self.codeword(level, code)
             quantized = quantized + chosen
             residual = residual - chosen
             codes.append(code)
         return torch.stack(codes, dim=1), quantized, residuals
+
+    def codeword(self, level: int, code: torch.Tensor) -> torch.Tensor:
+        """[N, d] codewords of ``code`` [N] at ``level``, as a one-hot product: its gradient is a
+        matmul, the same on every run, where indexing's accumulates in thread order on CPUs (two
+        runs of the same fit then ended with different codes)."""
+        return F.one_hot(code, self.codebooks.size(1)).to(self.codebooks.dtype) @ self.codebooks[level]
 
     @torch.no_grad()
     def kmeans_init(self, latent: torch.Tensor, seed: int) -> None:
@@ -102,8 +108,9 @@ def fit_codebook(vectors: torch.Tensor, llm_targets: torch.Tensor | None, target
     for step in tqdm(range(steps), desc="item tokenizer", disable=not show_progress, leave=False):
         latent = tokenizer.encoder(data)
         codes, quantized, residuals = tokenizer.quantize(latent)
-        commit = sum(F.mse_loss(r, tokenizer.codebooks[level][codes[:, level]].detach()) for level, r in enumerate(residuals))
-        book = sum(F.mse_loss(tokenizer.codebooks[level][codes[:, level]], r.detach()) for level, r in enumerate(residuals))
+        chosen = [tokenizer.codeword(level, codes[:, level]) for level in range(levels)]
+        commit = sum(F.mse_loss(r, chosen[level].detach()) for level, r in enumerate(residuals))
+        book = sum(F.mse_loss(chosen[level], r.detach()) for level, r in enumerate(residuals))
         straight_through = latent + (quantized - latent).detach()
         reconstruction = F.mse_loss(tokenizer.decoder(straight_through), data)
         loss = reconstruction + book + commitment_weight * commit
