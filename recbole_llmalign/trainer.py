@@ -275,13 +275,18 @@ class SampleBudgetTrainer(RunControlsMixin, HistoryExclusionMixin, Trainer):
         return subset_loader(self.config, train_data, index, int(self.config["train_batch_size"]))
 
     def _train_epoch(self, train_data: Any, epoch_idx: int, *args: Any, **kwargs: Any) -> Any:
+        drawing = time.perf_counter()
         if epoch_idx > 0 and self.config["resample_each_epoch"]:
             for earlier in range(1, epoch_idx):  # a resumed run: count the draws its earlier epochs trained on
                 if earlier not in self._draws_counted:
                     self.drawn_samples.update(self.select_samples(self._all_training_rows._dataset, draw=earlier).tolist())
                     self._draws_counted.add(earlier)
             train_data = self._draw_loader(epoch_idx)  # a fresh subset per epoch, reproducible from the epoch number
-        return super()._train_epoch(train_data, epoch_idx, *args, **kwargs)
+        drawn = time.perf_counter() - drawing
+        result = super()._train_epoch(train_data, epoch_idx, *args, **kwargs)
+        if drawn and self.epoch_train_seconds:
+            self.epoch_train_seconds[-1] += drawn  # s/epoch counts the draw its epoch trained on
+        return result
 
     def before_training(self, valid_data: Any, saved: bool) -> None:
         """Hook run after the samples are chosen and before the first epoch."""
