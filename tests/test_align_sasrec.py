@@ -334,3 +334,26 @@ def test_a_checkpoint_from_before_unseen_items_loads_with_the_rule_it_was_traine
     assert old.final_config_dict["unseen_item_neighbours"] == 10  # a key without a rule gets its default
     kept = upgrade_config(SimpleNamespace(final_config_dict={"model": "AlignSASRec", "unseen_items": "text"}, model="AlignSASRec"))
     assert kept.final_config_dict["unseen_items"] == "text"
+
+
+def test_two_backward_passes_of_one_batch_give_the_same_gradient_on_two_threads(cyclic_dataset):
+    """Plain indexing's gradient summed repeated item ids in thread order: runs of one seed drifted apart."""
+    data_path, _ = cyclic_dataset
+    _, _, model, _ = _build(cyclic_config(data_path, item_text_fields=["title"]))
+    generator = torch.Generator().manual_seed(0)
+    shape = (4096 // model.max_seq_length, model.max_seq_length)  # big enough for 2 threads to split it
+    item_seq = torch.randint(1, model.n_items, shape, generator=generator)
+    upstream = torch.randn(*shape, model.hidden_size, generator=generator)
+    model.eval()  # dropout off: only the summation order could differ
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        grads = []
+        for _ in range(10):
+            model.zero_grad()
+            table, _ = model._item_table()
+            (model._encode(item_seq, table) * upstream).sum().backward()
+            grads.append(model.item_embedding.weight.grad.clone())
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(grads[0], grad) for grad in grads[1:])

@@ -227,7 +227,7 @@ class AlignGenRec(FrozenBackboneLLMRecommender):
         and the projected sequence vector of row i's user (``users`` [B, C]) at ``USER_TOKEN``."""
         is_code = ids >= self.first_code_id
         text = self.embed_tokens(torch.where(is_code | (ids < 0), torch.zeros_like(ids), ids))
-        codes = self.code_embeddings[(ids - self.first_code_id).clamp(min=0)]
+        codes = F.embedding((ids - self.first_code_id).clamp(min=0), self.code_embeddings)  # a fixed-order gradient, unlike indexing
         embeds = torch.where(is_code.unsqueeze(-1), codes.to(text.dtype), text)
         if users is not None and self.use_user_token:
             user_rows = self.user_projector(users).to(text.dtype).unsqueeze(1).expand_as(embeds)

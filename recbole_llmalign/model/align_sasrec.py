@@ -134,9 +134,14 @@ class AlignSASRec(SASRec):
 
     # ---- sequence side ----
     def _encode(self, item_seq: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
-        """Transformer output at every position [B, L, H] (causal mask, as SASRec)."""
+        """Transformer output at every position [B, L, H] (causal mask, as SASRec).
+
+        Rows of a trainable table are looked up with ``F.embedding`` throughout: the gradient of
+        plain indexing (``table[item_seq]``) accumulates repeated ids in thread order on CPUs, so
+        two runs of one seed trained apart; the embedding gradient sums in a fixed order.
+        """
         positions = torch.arange(item_seq.size(1), device=item_seq.device).unsqueeze(0).expand_as(item_seq)
-        items = table[item_seq] * (item_seq > 0).unsqueeze(-1)
+        items = F.embedding(item_seq, table) * (item_seq > 0).unsqueeze(-1)  # not table[...]: see the docstring
         hidden = self.dropout(self.LayerNorm(items + self.position_embedding(positions)))
         return self.trm_encoder(hidden, self.get_attention_mask(item_seq), output_all_encoded_layers=True)[-1]
 
@@ -180,11 +185,13 @@ class AlignSASRec(SASRec):
             next_item_loss = F.cross_entropy(logits, targets)
         else:  # BPR against one uniformly sampled negative per target
             negatives = torch.randint(1, self.n_items, targets.shape, device=targets.device)
-            next_item_loss = self.loss_fct((vectors * table[targets]).sum(-1), (vectors * table[negatives]).sum(-1))
+            next_item_loss = self.loss_fct((vectors * F.embedding(targets, table)).sum(-1),
+                                           (vectors * F.embedding(negatives, table)).sum(-1))
         if fused is None or (self.seq_text_align_weight == 0 and self.id_text_align_weight == 0):
             return next_item_loss
         rows = torch.randperm(targets.numel(), device=targets.device)[: self.align_max_rows]
-        align = self.seq_text_align_weight * info_nce(vectors[rows], fused[targets[rows]], self.align_temperature, targets[rows])
+        align = self.seq_text_align_weight * info_nce(vectors[rows], F.embedding(targets[rows], fused), self.align_temperature,
+                                                      targets[rows])
         if self.id_text_align_weight > 0:
             items = torch.unique(torch.cat([targets, interaction[self.ITEM_SEQ].flatten()]))
             items = items[items > 0][: self.align_max_rows]
