@@ -63,6 +63,9 @@ STANDARD = [
 LEVERS = [
     # items the training split never shows as negatives of every training step (plain SASRec's; the default before)
     ("AlignSASRec:unseen_negatives", "AlignSASRec", "unseen_negatives", {"unseen_items": "negatives"}),
+    # the holdout backbone continued on every training target (5 epochs at most) ranks valid/test under the LLM's residual
+    ("AlignLLMRec:refit_5", "AlignLLMRec", "refit_5", {"backbone_refit_epochs": 5}),
+    ("AlignLLMRec:no_llm_refit_5", "AlignLLMRec", "no_llm_refit_5", {"backbone_refit_epochs": 5, "prompt_reader": "mlp"}),
     ("AlignLLMRec:llm_items", "AlignLLMRec", "llm_items", {"llm_item_scoring": True}),
     ("AlignLLMRec:no_llm_items", "AlignLLMRec", "no_llm_items", {"llm_item_scoring": True, "prompt_reader": "mlp"}),
     ("AlignLLMRec:lr_1e-3", "AlignLLMRec", "lr_1e-3", {"learning_rate": 0.001}),
@@ -136,6 +139,9 @@ def field_use(name: str, config_files: list[str] | None, data_config: dict[str, 
                               "trainable size instead of the LLM",
         "AlignSASRec:unseen_negatives": f"ids + text: {text}; items training never shows are negatives of every step "
                                         "(unseen_items: negatives, plain SASRec's training)",
+        "AlignLLMRec:refit_5": "backbone_refit_epochs 5: trained on the holdout backbone, evaluated with it continued on every "
+                               "training target (own backbone = that refit)",
+        "AlignLLMRec:no_llm_refit_5": "no_llm, backbone_refit_epochs 5",
         "AlignLLMRec:llm_items": "+ llm_item_scoring: the LLM's vector of each item's title in the score",
         "AlignLLMRec:no_llm_items": "no_llm + llm_item_scoring (the titles' input embeddings, no LLM layers)",
         "AlignLLMRec:lr_1e-3": "learning_rate 1e-3 (default 1e-4)",

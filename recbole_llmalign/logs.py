@@ -150,12 +150,12 @@ def headline_metric(test_result: Mapping[str, Any], valid_metric: str | None = N
 def evaluate_backbone(trainer: Any, model: Any, test_data: Any) -> dict[str, float] | None:
     """Test metrics of the frozen backbone of a model that has one (``backbone_model``), or None.
 
-    The model holds the backbone it was trained on (``model.backbone``, frozen), so the backbone is
-    scored on the very test loader, evaluator and protocol of the run: the trainer evaluates it in
-    the model's place, then gets the model back. One extra full-ranking pass of the small
-    backbone, no LLM.
+    The model holds the backbone it ranks with in evaluation (``model.scoring_backbone``, frozen:
+    the one it trained on, or its refit), so the backbone is scored on the very test loader,
+    evaluator and protocol of the run: the trainer evaluates it in the model's place, then gets the
+    model back. One extra full-ranking pass of the small backbone, no LLM.
     """
-    backbone = getattr(model, "backbone", None)
+    backbone = getattr(model, "scoring_backbone", None)
     if getattr(type(model), "backbone_model", None) is None or backbone is None:
         return None
     own = trainer.model

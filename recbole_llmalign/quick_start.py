@@ -196,25 +196,59 @@ def ensure_backbone(config: Any, config_file_list: list[str] | None = None) -> N
 
     Models that declare ``backbone_model`` (AlignLLMRec: AlignSASRec) read ``backbone_checkpoint``.
     When it is empty, the backbone is trained once with the same dataset settings and stored
-    under ``<checkpoint_dir>/backbones/`` keyed by those settings; later runs reuse it.
+    under ``<checkpoint_dir>/backbones/`` keyed by those settings; later runs reuse it. With
+    ``backbone_refit_epochs`` (AlignLLMRec) its refit is ensured too (``ensure_refit_backbone``).
     """
-    import shutil
-
     model_class = get_model(config["model"])
     backbone_model = getattr(model_class, "backbone_model", None)
-    if backbone_model is None or config["backbone_checkpoint"]:
+    if backbone_model is None:
         return
     shared, key = backbone_settings_and_key(config, backbone_model)
-    target = Path(config["checkpoint_dir"]) / "backbones" / f"{backbone_model}-{config['dataset']}-{key}.pth"
+    if not config["backbone_checkpoint"]:
+        target = Path(config["checkpoint_dir"]) / "backbones" / f"{backbone_model}-{config['dataset']}-{key}.pth"
+        if not target.is_file():
+            getLogger().info(f"No backbone_checkpoint given: training {backbone_model} on {config['dataset']} once -> {target}")
+            _train_and_cache(backbone_model, config, config_file_list, shared, target)
+        config["backbone_checkpoint"] = str(target)
+    refit_epochs = int(config["backbone_refit_epochs"] or 0)
+    if refit_epochs > 0 and not config["refit_backbone_checkpoint"]:
+        config["refit_backbone_checkpoint"] = str(ensure_refit_backbone(config, config_file_list, backbone_model, shared,
+                                                                        key, refit_epochs))
+
+
+def _train_and_cache(backbone_model: str, config: Any, config_file_list: list[str] | None, settings: dict[str, Any],
+                     target: Path) -> None:
+    """Train ``backbone_model`` with ``settings`` and copy its best checkpoint to ``target`` atomically."""
+    import shutil
+
+    # show_progress stays out of the cache keys (it changes no weights): the bar follows this run
+    _, cost = run_with_cost(backbone_model, config["dataset"], config_file_list,
+                            {**settings, "show_progress": config["show_progress"]}, saved=True)
+    atomic_write_with(target, lambda temp: shutil.copyfile(cost.checkpoint, temp))
+    init_logger(config)  # the backbone run replaced the log handlers
+
+
+def ensure_refit_backbone(config: Any, config_file_list: list[str] | None, backbone_model: str, shared: dict[str, Any],
+                          backbone_key: str, epochs: int) -> Path:
+    """The refit backbone of ``backbone_refit_epochs``, trained once and cached: a copy of the
+    backbone (``init_checkpoint``) trained up to ``epochs`` more epochs, early stopping on valid,
+    on every training target, the stacking holdout included. It is keyed by the backbone file's
+    content and the settings, so another backbone or schedule trains another refit."""
+    import hashlib
+
+    if stacking_holdout(config) <= 0:
+        raise ValueError("backbone_refit_epochs refits a backbone that held out the stacking targets, but "
+                         "holdout_last_targets is 0: set holdout_last_targets > 0 or backbone_refit_epochs to 0.")
+    source = Path(config["backbone_checkpoint"])
+    digest = hashlib.sha256(source.read_bytes()).hexdigest()[:16]
+    settings = {**shared, "holdout_last_targets": 0, "epochs": epochs, "init_checkpoint": str(source)}
+    key = config_key({"dataset": config["dataset"], "init_sha256": digest, "backbone_key": backbone_key,
+                      **{k: v for k, v in settings.items() if k != "init_checkpoint"}})
+    target = Path(config["checkpoint_dir"]) / "backbones" / f"{backbone_model}-{config['dataset']}-refit-{key}.pth"
     if not target.is_file():
-        logger = getLogger()
-        logger.info(f"No backbone_checkpoint given: training {backbone_model} on {config['dataset']} once -> {target}")
-        # show_progress stays False in the cache key above (it changes no weights): the bar follows this run
-        _, cost = run_with_cost(backbone_model, config["dataset"], config_file_list,
-                                {**shared, "show_progress": config["show_progress"]}, saved=True)
-        atomic_write_with(target, lambda temp: shutil.copyfile(cost.checkpoint, temp))
-        init_logger(config)  # the backbone run replaced the log handlers
-    config["backbone_checkpoint"] = str(target)
+        getLogger().info(f"backbone_refit_epochs={epochs}: continuing {source.name} on every training target -> {target}")
+        _train_and_cache(backbone_model, config, config_file_list, settings, target)
+    return target
 
 
 def cold_rows(config: Any, train_data: Any, test_data: Any, warm: bool = False) -> Any:
@@ -384,8 +418,9 @@ def run_distributed(model: str | None, dataset: str | None, config_file_list: li
     init_logger(parent)
     prepare_dataset(parent)
     ensure_backbone(parent, config_file_list)
-    if "backbone_checkpoint" in parent and parent["backbone_checkpoint"]:
-        config_dict["backbone_checkpoint"] = parent["backbone_checkpoint"]
+    for key in ("backbone_checkpoint", "refit_backbone_checkpoint"):  # the ranks load what the parent trained
+        if key in parent and parent[key]:
+            config_dict[key] = parent[key]
     config_dict.update(world_size=world_size if world_size > 0 else nproc, ip=ip, port=port, nproc=nproc, offset=group_offset)
     queue = mp.get_context("spawn").SimpleQueue()
     mp.spawn(_run_rank, args=(model, dataset, config_file_list, config_dict, saved, queue), nprocs=nproc, join=True)

@@ -3,7 +3,8 @@
 ``FrozenBackboneLLMRecommender`` is the shared base of AlignLLMRec, AlignLLMRecCTR and
 AlignGenRec (as RecBole-GNN's ``GeneralGraphRecommender`` is for its graph models):
 - the trained AlignSASRec backbone, loaded from ``backbone_checkpoint``, checked against the
-  dataset and frozen;
+  dataset and frozen; with ``refit_backbone_checkpoint`` a second one (the first continued on
+  every training target) that evaluation reads instead (``backbone`` switches with the mode);
 - the decoder-only LLM (cut to ``llm_layers``, LoRA adapters when ``lora_r > 0``) with its
   tokenizer, input embeddings, decoder stack and LM head, its base weights frozen, in the dtype
   ``llm_dtype`` resolves to for the run's device; ``llm_autocast()`` is the context every LLM
@@ -62,13 +63,22 @@ class FrozenBackboneLLMRecommender(SequentialRecommender):
 
     backbone_model: ClassVar[str] = "AlignSASRec"  # trained and cached by quick_start when backbone_checkpoint is empty
     kept_buffers: ClassVar[tuple[str, ...]] = ()  # buffers saved beside the trainable parameters
+    # whether evaluation may read a refit backbone (AlignLLMRec: its scores are the backbone's plus a residual;
+    # AlignGenRec's item codes are fit on its backbone's vectors, so another backbone would not match them)
+    supports_backbone_refit: ClassVar[bool] = False
 
     def __init__(self, config: Any, dataset: Any) -> None:
         super().__init__(config, dataset)
-        self.backbone, backbone_config = load_backbone(config["backbone_checkpoint"], dataset, type(self).__name__,
-                                                       trust=bool(config["trust_checkpoint"]))
+        trust = bool(config["trust_checkpoint"])
+        self.fit_backbone, backbone_config = load_backbone(config["backbone_checkpoint"], dataset, type(self).__name__, trust)
         # last training targets per user the backbone never fit (stacking checks it against its own)
         self.backbone_holdout = int(backbone_config["holdout_last_targets"] or 0)  # ~ in checkpoints older than the key
+        self.refit_backbone: nn.Module | None = None
+        if config["refit_backbone_checkpoint"]:  # AlignLLMRec's backbone_refit_epochs (quick_start trains it)
+            if not self.supports_backbone_refit:
+                raise ValueError(f"{type(self).__name__} does not evaluate with a refit backbone; unset "
+                                 "refit_backbone_checkpoint / backbone_refit_epochs (AlignLLMRec has them).")
+            self.refit_backbone = self._load_refit_backbone(config["refit_backbone_checkpoint"], dataset, trust)
         self.lora = int(config["lora_r"]) > 0
         # whether LLM weights change in training (LoRA adapters, or every weight with llm_init: scratch)
         self.llm_trained = self.lora or str(config["llm_init"] or "pretrained") == "scratch"
@@ -86,6 +96,35 @@ class FrozenBackboneLLMRecommender(SequentialRecommender):
         self.show_progress = bool(config["show_progress"])  # micro-batch bar in evaluation (micro_batch_starts)
         title_field = (config["item_text_fields"] or [None])[0]  # the dataset may have no text fields
         self.titles = item_texts(dataset, [title_field]) if title_field else [""] * dataset.item_num
+
+    def _load_refit_backbone(self, checkpoint_path: str, dataset: Any, trust: bool) -> nn.Module:
+        """The backbone evaluation reads: trained on every training target, the stacking holdout included,
+        so it must have no holdout of its own and the fit backbone's sizes (its vectors feed the same projectors)."""
+        refit, refit_config = load_backbone(checkpoint_path, dataset, type(self).__name__, trust)
+        if int(refit_config["holdout_last_targets"] or 0) > 0:
+            raise ValueError(f"refit_backbone_checkpoint {checkpoint_path} was trained with holdout_last_targets="
+                             f"{refit_config['holdout_last_targets']}; the refit backbone is the one that fits every training "
+                             "target. Train it with holdout_last_targets=0 (leave the key empty to have it trained so).")
+        if self.backbone_holdout == 0:
+            raise ValueError("refit_backbone_checkpoint is set but backbone_checkpoint holds out no training targets, so "
+                             "there is nothing to refit: use the refit with stacking (holdout_last_targets > 0) or unset it.")
+        if refit.hidden_size != self.fit_backbone.hidden_size or refit.item_representation != self.fit_backbone.item_representation:
+            raise ValueError(f"refit_backbone_checkpoint {checkpoint_path} has hidden_size {refit.hidden_size} and "
+                             f"{refit.item_representation} items, the backbone {self.fit_backbone.hidden_size} and "
+                             f"{self.fit_backbone.item_representation}: refit a copy of the backbone (init_checkpoint).")
+        return refit
+
+    @property
+    def backbone(self) -> nn.Module:
+        """The frozen AlignSASRec the model reads now: in training the one that never fit the stacking
+        samples (``fit_backbone``), in evaluation ``scoring_backbone``."""
+        return self.fit_backbone if self.training else self.scoring_backbone
+
+    @property
+    def scoring_backbone(self) -> nn.Module:
+        """The backbone valid/test rank with: the refit one (every training target fit) when there is
+        one, else the fit backbone itself."""
+        return self.refit_backbone if self.refit_backbone is not None else self.fit_backbone
 
     def micro_batch_starts(self, total: int, desc: str, step: int | None = None) -> Any:
         """First rows of the ``llm_micro_batch`` slices of ``total`` rows, under a progress bar when
@@ -108,7 +147,9 @@ class FrozenBackboneLLMRecommender(SequentialRecommender):
 
     def train(self, mode: bool = True) -> FrozenBackboneLLMRecommender:
         super().train(mode)
-        self.backbone.eval()  # frozen: dropout off, item table cached
+        self.fit_backbone.eval()  # frozen: dropout off, item table cached
+        if self.refit_backbone is not None:
+            self.refit_backbone.eval()
         self.llm.eval()  # frozen base: no dropout (LoRA dropout off too: adapters are small)
         return self
 

@@ -51,6 +51,8 @@ class ItemSide:
 class AlignLLMRec(FrozenBackboneLLMRecommender):
     """Soft-prompt LLM recommender with full ranking (see module docstring)."""
 
+    supports_backbone_refit = True
+
     def __init__(self, config: Any, dataset: Any) -> None:
         super().__init__(config, dataset)
         if config["task"] == "labeled":  # the key of checkpoints and configs from before AlignLLMRecCTR

@@ -12,11 +12,15 @@ alignment. RecBole's SASRec supplies the transformer encoder; this class adds
 - ``unseen_items: text``: an item the training split never shows (new under ``new_item_ratio``)
   is left out of the CE softmax, since it did not exist when training ran (plain SASRec makes it
   a negative of every step, which teaches even a text-aware model never to rank it), and its
-  untrained ID row is replaced in scoring by the mean ID row of its nearest trained items by text.
+  untrained ID row is replaced in scoring by the mean ID row of its nearest trained items by text;
+- ``init_checkpoint``: start from another AlignSASRec's weights (a warm start: AlignLLMRec's
+  backbone refit continues its holdout backbone on every training target, so the refit keeps the
+  vector space the LLM learned to read).
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -76,6 +80,32 @@ class AlignSASRec(SASRec):
         unseen[0] = False  # padding: RecBole's CE keeps its column; only real items are left out
         self.register_buffer("unseen_item_mask", unseen, persistent=False)
         self._eval_table: torch.Tensor | None = None
+        if config["init_checkpoint"]:
+            self.warm_start(config["init_checkpoint"], trust=bool(config["trust_checkpoint"]))
+
+    def warm_start(self, checkpoint_path: str, trust: bool = False) -> None:
+        """Load every weight of another AlignSASRec checkpoint of the same sizes (``init_checkpoint``).
+
+        All or nothing: a checkpoint of another model, dataset or size is refused with what differs,
+        never loaded in part (a partial start would train a model nobody asked for)."""
+        from recbole_llmalign.compat import load_checkpoint
+
+        if not Path(checkpoint_path).is_file():
+            raise FileNotFoundError(f"init_checkpoint {checkpoint_path} does not exist; point it at an AlignSASRec .pth file "
+                                    "or set init_checkpoint to ~ for a fresh start.")
+        checkpoint = load_checkpoint(checkpoint_path, map_location="cpu", trust=trust)
+        source = checkpoint["config"]["model"]
+        if source != "AlignSASRec":
+            raise ValueError(f"init_checkpoint {checkpoint_path} holds a {source}, not an AlignSASRec.")
+        state, own = checkpoint["state_dict"], self.state_dict()
+        differs = sorted(k for k in own if k in state and state[k].shape != own[k].shape)
+        missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+        if differs or missing or unexpected:
+            detail = "; ".join(f"{what}: {names[:4]}" for what, names in (
+                ("other shapes", differs), ("missing", missing), ("unexpected", unexpected)) if names)
+            raise ValueError(f"init_checkpoint {checkpoint_path} does not fit this AlignSASRec ({detail}). Warm-start from "
+                             "a checkpoint of the same dataset config, hidden_size, n_layers, item_representation and text fields.")
+        self.load_state_dict(state)
 
     # ---- item side ----
     def fused_text(self, rows: slice = slice(None)) -> tuple[torch.Tensor, torch.Tensor]:
