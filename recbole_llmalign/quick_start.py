@@ -163,6 +163,11 @@ def run_with_cost(
     return result, cost
 
 
+# Backbone keys added later whose default trains exactly what versions before them trained (a
+# fresh start): they stay out of the cache key, so the backbones those versions cached stay valid.
+DEFAULTS_AS_OLDER_VERSIONS_TRAINED = frozenset({"init_checkpoint"})
+
+
 def backbone_settings_and_key(config: Any, backbone_model: str) -> tuple[dict[str, Any], str]:
     """(settings the automatic backbone trains with, its cache key).
 
@@ -179,7 +184,8 @@ def backbone_settings_and_key(config: Any, backbone_model: str) -> tuple[dict[st
     backbone_declared = set(backbone.plugin_defaults) | set(backbone.recbole_defaults)
     own_keys = (set(own.internal_config_dict) - set(backbone.internal_config_dict)) | (
         set(own.plugin_defaults) - backbone_declared)
-    backbone_defaults = {k: v for k, v in backbone.internal_config_dict.items() if k not in own_keys}
+    backbone_defaults = {k: v for k, v in backbone.internal_config_dict.items()
+                         if k not in own_keys and not (k in DEFAULTS_AS_OLDER_VERSIONS_TRAINED and v is None)}
     # Keys the LLM model's own YAML files set (not the plugin-wide overall.yaml): a user setting
     # one means the LLM training (--eval_step=3 for 3 LLM epochs), not the backbone's.
     llm_schedule = {k for k, (_, where) in own.plugin_defaults.items() if Path(where).name != "overall.yaml"}
@@ -203,15 +209,24 @@ def ensure_backbone(config: Any, config_file_list: list[str] | None = None) -> N
     backbone_model = getattr(model_class, "backbone_model", None)
     if backbone_model is None:
         return
+    refit_epochs = 0 if config["refit_backbone_checkpoint"] else int(config["backbone_refit_epochs"] or 0)
+    if refit_epochs > 0 and stacking_holdout(config) <= 0:
+        raise ValueError("backbone_refit_epochs refits a backbone that held out the stacking targets, but "
+                         "holdout_last_targets is 0: set holdout_last_targets > 0 or backbone_refit_epochs to 0.")
+    if refit_epochs > 0 and config["backbone_checkpoint"]:  # its own settings are the user's, not this run's
+        raise ValueError(
+            "backbone_refit_epochs trains the refit of the automatic backbone; for your backbone_checkpoint, train its refit "
+            "yourself (--model=AlignSASRec --init_checkpoint=<that checkpoint> --holdout_last_targets=0 with its settings) "
+            "and pass it as refit_backbone_checkpoint, or set backbone_refit_epochs to 0.")
+    if config["backbone_checkpoint"]:
+        return
     shared, key = backbone_settings_and_key(config, backbone_model)
-    if not config["backbone_checkpoint"]:
-        target = Path(config["checkpoint_dir"]) / "backbones" / f"{backbone_model}-{config['dataset']}-{key}.pth"
-        if not target.is_file():
-            getLogger().info(f"No backbone_checkpoint given: training {backbone_model} on {config['dataset']} once -> {target}")
-            _train_and_cache(backbone_model, config, config_file_list, shared, target)
-        config["backbone_checkpoint"] = str(target)
-    refit_epochs = int(config["backbone_refit_epochs"] or 0)
-    if refit_epochs > 0 and not config["refit_backbone_checkpoint"]:
+    target = Path(config["checkpoint_dir"]) / "backbones" / f"{backbone_model}-{config['dataset']}-{key}.pth"
+    if not target.is_file():
+        getLogger().info(f"No backbone_checkpoint given: training {backbone_model} on {config['dataset']} once -> {target}")
+        _train_and_cache(backbone_model, config, config_file_list, shared, target)
+    config["backbone_checkpoint"] = str(target)
+    if refit_epochs > 0:
         config["refit_backbone_checkpoint"] = str(ensure_refit_backbone(config, config_file_list, backbone_model, shared,
                                                                         key, refit_epochs))
 
@@ -236,9 +251,6 @@ def ensure_refit_backbone(config: Any, config_file_list: list[str] | None, backb
     content and the settings, so another backbone or schedule trains another refit."""
     import hashlib
 
-    if stacking_holdout(config) <= 0:
-        raise ValueError("backbone_refit_epochs refits a backbone that held out the stacking targets, but "
-                         "holdout_last_targets is 0: set holdout_last_targets > 0 or backbone_refit_epochs to 0.")
     source = Path(config["backbone_checkpoint"])
     digest = hashlib.sha256(source.read_bytes()).hexdigest()[:16]
     settings = {**shared, "holdout_last_targets": 0, "epochs": epochs, "init_checkpoint": str(source)}

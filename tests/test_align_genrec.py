@@ -178,7 +178,8 @@ def test_checkpoint_holds_trainables_and_codes_and_loading_never_refits(trained_
     config, model, (_, _, test) = _build(trained_backbone, tiny_llama_dir)
     state = model.state_dict()
     assert {"item_codes", "code_level_sizes", "code_embeddings"} <= set(state)
-    assert not any(k.startswith("backbone.") for k in state)
+    assert not any(k.startswith(("fit_backbone.", "refit_backbone.")) for k in state)
+    assert any(n.startswith("fit_backbone.") for n, _ in model.named_parameters())  # the backbone's prefix
     assert not any("lora" not in k for k in state if k.startswith("llm."))  # no frozen LLM weight
     torch.save(state, tmp_path / "genrec.pth")
     assert (tmp_path / "genrec.pth").stat().st_size < 2_000_000

@@ -119,7 +119,8 @@ def test_a_training_step_moves_trainables_only_and_the_checkpoint_round_trips(tr
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     trainable_before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     assert frozen and trainable_before
-    assert not any(n.startswith(("llm.", "backbone.")) for n in trainable_before)
+    assert not any(n.startswith(("llm.", "fit_backbone.")) for n in trainable_before)
+    assert any(n.startswith("fit_backbone.") for n in frozen)  # the prefix checked above is the backbone's
     model.train()
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     batch = next(iter(train))
@@ -400,6 +401,7 @@ def test_backbone_cache_key_changes_with_the_backbones_yaml_defaults(cyclic_data
     # keys both models have (learning_rate, epochs: RecBole's) stay the backbone's; the LLM's own do not
     assert {"learning_rate", "epochs", "unseen_items"} <= set(keyed["backbone_defaults"])
     assert not {"prompt_template", "llm_path"} & set(keyed["backbone_defaults"])
+    assert "init_checkpoint" not in keyed["backbone_defaults"]  # its fresh default trains as versions before it did
     monkeypatch.undo()
     shared, key = quick_start.backbone_settings_and_key(config, "AlignSASRec")
     assert quick_start.backbone_settings_and_key(config, "AlignSASRec") == (shared, key)  # stable

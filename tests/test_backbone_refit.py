@@ -45,12 +45,14 @@ def _llm_config(data_path: str, tiny_llama_dir: Path, **overrides) -> dict:
 
 
 def test_refit_backbone_continues_the_holdout_backbone_on_every_target_is_cached_and_ranks_evaluation(cyclic_dataset,
-                                                                                                        tiny_llama_dir):
+                                                                                                        tiny_llama_dir,
+                                                                                                        monkeypatch):
     from recbole.data import create_dataset, data_preparation
 
     from recbole_llmalign.compat import load_checkpoint
     from recbole_llmalign.config import Config
     from recbole_llmalign.logs import evaluate_backbone
+    from recbole_llmalign.model.align_sasrec import AlignSASRec
     from recbole_llmalign.quick_start import run_with_cost
     from recbole_llmalign.utils import get_model
 
@@ -68,10 +70,14 @@ def test_refit_backbone_continues_the_holdout_backbone_on_every_target_is_cached
     config = Config(model="AlignLLMRec", dataset=name, config_dict=_llm_config(
         data_path, tiny_llama_dir, backbone_checkpoint=str(holdout_file), refit_backbone_checkpoint=str(refit_file)))
     train, _, test = data_preparation(config, create_dataset(config))
-    model = get_model("AlignLLMRec")(config, train._dataset)
+    with monkeypatch.context() as patch:  # the refit file holds every weight: loading it warm-starts nothing again
+        patch.setattr(AlignSASRec, "warm_start", lambda *_, **__: pytest.fail("the refit's warm start ran again on load"))
+        model = get_model("AlignLLMRec")(config, train._dataset)
     model.train()
     assert model.backbone is model.fit_backbone
+    training_side = model.item_side().scoring.clone()  # cached in training: evaluation must not reuse it
     model.eval()
+    assert not torch.allclose(model.item_side().scoring, training_side, atol=1e-3)
     assert model.backbone is model.refit_backbone is model.scoring_backbone
     batch = next(iter(test))[0]
     with torch.no_grad():  # the head starts at zero: evaluation ranks exactly as the refit backbone
@@ -111,6 +117,10 @@ def test_refit_needs_a_holdout_backbone_and_a_model_that_evaluates_with_it(train
     with pytest.raises(ValueError, match="holdout_last_targets is 0"):
         run_with_cost("AlignLLMRec", name, config_dict=_llm_config(data_path, tiny_llama_dir, backbone_refit_epochs=2,
                                                                    holdout_last_targets=0))
+    assert not Path("saved/backbones").exists()  # refused before any backbone trained
+    with pytest.raises(ValueError, match="train its refit yourself"):  # a user's backbone: its settings are not this run's
+        run_with_cost("AlignLLMRec", name, config_dict=_llm_config(data_path, tiny_llama_dir, backbone_refit_epochs=2,
+                                                                   backbone_checkpoint=checkpoint))
 
     def build(model: str, **overrides):
         config = Config(model=model, dataset=name, config_dict=_llm_config(data_path, tiny_llama_dir, **overrides))

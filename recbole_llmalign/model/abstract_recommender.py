@@ -44,6 +44,8 @@ def load_backbone(checkpoint_path: str | None, dataset: Any, model_name: str = "
         raise FileNotFoundError(f"backbone_checkpoint {checkpoint_path} does not exist; point it at an AlignSASRec .pth file.")
     checkpoint = load_checkpoint(checkpoint_path, map_location="cpu", trust=trust)
     backbone_config = checkpoint["config"]
+    if "init_checkpoint" in backbone_config:  # a refit's warm start: its weights are all in this file already
+        backbone_config["init_checkpoint"] = None
     if backbone_config["model"] != "AlignSASRec":
         raise ValueError(f"backbone_checkpoint holds a {backbone_config['model']}, not an AlignSASRec.")
     rows = checkpoint["state_dict"]["item_embedding.weight"].shape[0]
@@ -100,14 +102,14 @@ class FrozenBackboneLLMRecommender(SequentialRecommender):
     def _load_refit_backbone(self, checkpoint_path: str, dataset: Any, trust: bool) -> nn.Module:
         """The backbone evaluation reads: trained on every training target, the stacking holdout included,
         so it must have no holdout of its own and the fit backbone's sizes (its vectors feed the same projectors)."""
+        if self.backbone_holdout == 0:
+            raise ValueError("refit_backbone_checkpoint is set but backbone_checkpoint holds out no training targets, so "
+                             "there is nothing to refit: use the refit with stacking (holdout_last_targets > 0) or unset it.")
         refit, refit_config = load_backbone(checkpoint_path, dataset, type(self).__name__, trust)
         if int(refit_config["holdout_last_targets"] or 0) > 0:
             raise ValueError(f"refit_backbone_checkpoint {checkpoint_path} was trained with holdout_last_targets="
                              f"{refit_config['holdout_last_targets']}; the refit backbone is the one that fits every training "
                              "target. Train it with holdout_last_targets=0 (leave the key empty to have it trained so).")
-        if self.backbone_holdout == 0:
-            raise ValueError("refit_backbone_checkpoint is set but backbone_checkpoint holds out no training targets, so "
-                             "there is nothing to refit: use the refit with stacking (holdout_last_targets > 0) or unset it.")
         if refit.hidden_size != self.fit_backbone.hidden_size or refit.item_representation != self.fit_backbone.item_representation:
             raise ValueError(f"refit_backbone_checkpoint {checkpoint_path} has hidden_size {refit.hidden_size} and "
                              f"{refit.item_representation} items, the backbone {self.fit_backbone.hidden_size} and "
