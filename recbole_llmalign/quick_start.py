@@ -514,7 +514,10 @@ def compare(
     ``resume``: runs already in ``<output_dir>/<name>.csv`` (same model, setting and seed) are not
     rerun but merged, as are that file's other runs, except the (model, setting) pairs in ``rerun``,
     which train again for this call's seeds (e.g. after a fix that changes them; their other seeds'
-    rows are kept, and a rerun that fails keeps its earlier row). ``table``: keyword arguments for
+    rows are kept, and a rerun that fails keeps its earlier row). A kept run's bootstrap rows are
+    recomputed from the per-user files, or, where those are gone (another machine, a fresh
+    checkout), taken from the file while neither the run nor its reference trained again
+    (``report.kept_significance_rows``). ``table``: keyword arguments for
     ``report.write_comparison`` (``preface``, ``metrics``, ``slice_metrics``, ``notes``).
     ``keep_going``: a run that fails is logged, listed under the table and skipped (a resumed
     comparison retries it) instead of ending the comparison.
@@ -532,13 +535,16 @@ def compare(
     output_dir = Path(output_dir)
     per_user_dir = Path(per_user_dir) if per_user_dir else Path(config_dict.get("checkpoint_dir", "saved")) / "per_user" / name
     earlier: dict[tuple[str, str, int | None], dict[str, Any]] = {}
+    earlier_rows: list[dict[str, str]] = []  # for its bootstrap rows: the per-user files they came from may be gone
     if resume and (output_dir / f"{name}.csv").is_file():
-        _, found = report.records_from_csv(output_dir / f"{name}.csv")
+        earlier_rows = report.read_csv(output_dir / f"{name}.csv")
+        found = report.records_from_rows(earlier_rows)
         earlier = {(r["model"], r["setting"], r["seed"]): r for r in found}
     plan = [(model, setting, overrides, seed) for seed in (seeds or [None]) for model, setting, overrides in runs]
     planned = {(model, setting, seed) for model, setting, _, seed in plan}
     records = [r for key, r in earlier.items() if key not in planned]  # merged from an earlier, different invocation
     failures: list[str] = []
+    trained: set[tuple[str, str]] = set()  # (model, setting) with a run trained in this call: its earlier bootstrap rows are stale
     row_order: dict[tuple[str, str], int] = {}  # table rows: the earlier file's order, then this plan's new rows
     for model, setting, *_ in [*earlier, *plan]:
         row_order.setdefault((model, setting), len(row_order))
@@ -548,7 +554,10 @@ def compare(
         if failures:
             options["preface"] = options.get("preface", "") + "Runs that failed (rerun to retry them):\n\n" + "".join(failures) + "\n"
         rows = sorted(records, key=lambda r: row_order[(r["model"], r["setting"])])  # stable: seeds keep their order
-        report.write_comparison(rows, dataset, output_dir, name, reference=reference, per_user_dir=per_user_dir, **options)
+        unchanged = {(r["model"], r["setting"]) for r in records} - trained
+        kept = report.kept_significance_rows(earlier_rows, reference, unchanged)
+        report.write_comparison(rows, dataset, output_dir, name, reference=reference, per_user_dir=per_user_dir,
+                                kept_significance=kept, **options)
 
     context = multiprocessing.get_context("spawn")
     progress = tqdm(plan, desc=f"compare on {dataset}", unit="run")
@@ -571,6 +580,7 @@ def compare(
                 records.append(earlier[(model, setting, seed)])
             continue
         record = {"model": model, "setting": setting, "seed": seed, "result": result, "cost": cost}
+        trained.add((model, setting))
         if cost.get("per_user_file"):
             atomic_write_with(report.per_user_path(per_user_dir, model, setting, report.record_seed(record)),
                               lambda temp, source=cost["per_user_file"]: shutil.copyfile(source, temp))

@@ -251,13 +251,15 @@ def write_text(path: Path, text: str) -> None:
 def write_comparison(records: list[dict[str, Any]], dataset: str, output_dir: Path, name: str,
                      preface: str = "", reference: str | list[str] | None = None, per_user_dir: Path | None = None,
                      metrics: list[str] | None = None, notes: dict[tuple[str, str], str] | None = None,
-                     slice_metrics: list[str] | None = None) -> None:
+                     slice_metrics: list[str] | None = None, kept_significance: list[list[Any]] | None = None) -> None:
     """Write ``<name>.csv``, ``<name>.md`` and ``<name>.png`` under ``output_dir``.
 
     Records with a ``seed`` (several seeds) also get aggregate rows and a mean ± std table; with
     ``reference`` (``Model`` or ``Model:setting``, or several as a comma list or list, the first the
     primary) and the runs' per-user files in ``per_user_dir``, the paired-bootstrap rows and one
     table per reference (see the module docstring). A reference not among the records adds nothing.
+    ``kept_significance``: bootstrap rows of an earlier file (``kept_significance_rows``), written
+    where this call computes no row of the same (model, setting, split, metric).
     """
     output_dir = Path(output_dir)
     rows = [[*row[:-1], float(f"{row[-1]:.6g}")] for r in records for row in long_rows(r, dataset)]  # as the CSV holds them,
@@ -267,6 +269,8 @@ def write_comparison(records: list[dict[str, Any]], dataset: str, output_dir: Pa
     references = parse_references(reference) if per_user_dir else []
     significance = [row for index, ref in enumerate(references)
                     for row in significance_rows(records, dataset, ref, Path(per_user_dir), secondary=index > 0)]
+    computed = {tuple(row[1:5]) for row in significance}
+    significance += [[*row[:-1], float(row[-1])] for row in kept_significance or [] if tuple(row[1:5]) not in computed]
     rows += significance
     write_csv(rows, output_dir / f"{name}.csv")
     if seeded:
@@ -458,6 +462,47 @@ def significance_rows(records: list[dict[str, Any]], dataset: str, reference: st
             rows += [[dataset, model, label, split, f"{metric}{suffix}{vs}", value]
                      for suffix, value in zip(DIFF_SUFFIXES, (mean, low, high))]
     return rows
+
+
+def _reference_key(reference: str) -> tuple[str, str]:
+    model, _, setting = reference.partition(":")
+    return model, setting or "default"
+
+
+def kept_significance_rows(earlier_rows: Iterable[Any], references: str | list[str] | None,
+                           unchanged: set[tuple[str, str]]) -> list[list[Any]]:
+    """The bootstrap rows of an earlier results file that still hold for a resumed comparison.
+
+    Why: per-user metrics live outside the results, so a fresh checkout or another machine resumes a
+    comparison without them and could not recompute any bootstrap row of the runs it keeps. A row is
+    kept when its model's (model, setting) and its reference are both in ``unchanged`` (no run of
+    theirs trained in this call) and its reference is still one of ``references``; it is renamed when
+    that reference moved between primary and further. The earlier primary reference is read from the
+    file: the one (model, setting) with runs but no primary bootstrap row (none kept when that is not
+    exactly one). ``earlier_rows``: CSV rows (dicts or lists); returns CSV rows as lists.
+    """
+    rows = _row_dicts(earlier_rows)
+    runs = {(row["model"], parse_setting_label(row["setting"])[0]) for row in rows if not is_diff_metric(row["metric"])}
+    with_primary_rows = {(row["model"], parse_setting_label(row["setting"])[0]) for row in rows
+                         if (split_diff_metric(row["metric"]) or ("", "", ""))[2] is None}
+    candidates = runs - with_primary_rows
+    earlier_primary = next(iter(candidates)) if with_primary_rows and len(candidates) == 1 else None
+    now = {_reference_key(ref): (index, ref) for index, ref in enumerate(parse_references(references))}
+    kept: list[list[Any]] = []
+    for row in rows:
+        parts = split_diff_metric(row["metric"])
+        if parts is None:
+            continue
+        metric, suffix, further = parts
+        reference = _reference_key(further) if further is not None else earlier_primary
+        if reference is None or reference not in now or reference not in unchanged:
+            continue
+        if (row["model"], parse_setting_label(row["setting"])[0]) not in unchanged:
+            continue
+        index, spelled = now[reference]
+        name = f"{metric}{suffix}" + ("" if index == 0 else f"_vs_{spelled}")
+        kept.append([row["dataset"], row["model"], row["setting"], row["split"], name, float(row["value"])])
+    return kept
 
 
 def _verdict(low: float, high: float) -> str:

@@ -395,6 +395,41 @@ def test_further_references_add_vs_rows_equal_to_their_own_primary_run(tmp_path)
     assert report.records_from_csv(tmp_path / "plain_multi" / "cmp.csv") == report.records_from_csv(tmp_path / "plain" / "cmp.csv")
 
 
+def test_bootstrap_rows_survive_lost_per_user_files_until_their_runs_train_again(tmp_path):
+    per_user = tmp_path / "per_user"
+    records = _three_models(per_user)
+    for label, reference in (("before", "SASRec,AlignSASRec:id_only"), ("swapped", "AlignSASRec:id_only,SASRec"),
+                             ("id_only", "AlignSASRec:id_only")):
+        report.write_comparison(records, "toy", tmp_path / label, "cmp", reference=reference, per_user_dir=per_user)
+    before = report.read_csv(tmp_path / "before" / "cmp.csv")
+    for path in per_user.iterdir():  # another machine: the results file, no per-user metrics
+        path.unlink()
+    everything = {("SASRec", "default"), ("SASRecF", "default"), ("AlignSASRec", "id_only")}
+
+    def resumed(reference: str, unchanged: set) -> list[str]:
+        kept = report.kept_significance_rows(before, reference, unchanged)
+        report.write_comparison(records, "toy", tmp_path / "after", "cmp", reference=reference, per_user_dir=per_user,
+                                kept_significance=kept)
+        return (tmp_path / "after" / "cmp.csv").read_text().splitlines()
+
+    assert resumed("SASRec,AlignSASRec:id_only", everything) == (tmp_path / "before" / "cmp.csv").read_text().splitlines()
+    # the references in another order: the rows are renamed, as if computed in that order
+    assert sorted(resumed("AlignSASRec:id_only,SASRec", everything)) == sorted(
+        (tmp_path / "swapped" / "cmp.csv").read_text().splitlines())
+    assert sorted(resumed("AlignSASRec:id_only", everything)) == sorted((tmp_path / "id_only" / "cmp.csv").read_text().splitlines())
+    # a run that trained again, or whose reference did, loses its earlier rows: they described other runs
+    lines = resumed("SASRec,AlignSASRec:id_only", everything - {("SASRecF", "default")})
+    assert not any(",SASRecF," in line and "_diff" in line for line in lines)
+    assert any(",AlignSASRec,id_only/mean,test,ndcg@10_diff," in line for line in lines)
+    lines = resumed("SASRec,AlignSASRec:id_only", everything - {("SASRec", "default")})
+    assert [line for line in lines if "_diff" in line] and all("_vs_AlignSASRec:id_only" in line for line in lines if "_diff" in line)
+    assert not any("_diff" in line for line in resumed("SASRecF", everything))  # never a reference before: nothing to keep
+    # an earlier file whose primary reference cannot be told (two runs without primary rows) keeps no primary row
+    ambiguous = [row for row in before if not (row["model"] == "SASRecF" and "_diff" in row["metric"] and "_vs_" not in row["metric"])]
+    assert not any(report.split_diff_metric(row[4])[2] is None
+                   for row in report.kept_significance_rows(ambiguous, "SASRec,AlignSASRec:id_only", everything))
+
+
 def test_compare_runs_every_seed_writes_aggregates_and_bootstrap_and_resumes(cyclic_dataset, tmp_path):
     data_path, name = cyclic_dataset
     config = cyclic_config(data_path, new_item_ratio=0.2, train_neg_sample_args=None)
@@ -418,6 +453,12 @@ def test_compare_runs_every_seed_writes_aggregates_and_bootstrap_and_resumes(cyc
     again = compare(["Pop", "GRU4Rec"], name, config_dict=config, output_dir=out, name="seeded", seeds=[2020, 2021],
                     reference="Pop", per_user_dir=per_user, resume=True)  # nothing left to run
     assert (out / "seeded.csv").read_text() == first and len(again) == 4
+    moved = tmp_path / "per_user_elsewhere"
+    per_user.rename(moved)  # resumed where the per-user files are not: the bootstrap rows are kept, not lost
+    compare(["Pop", "GRU4Rec"], name, config_dict=config, output_dir=out, name="seeded", seeds=[2020, 2021],
+            reference="Pop", per_user_dir=per_user, resume=True)
+    assert (out / "seeded.csv").read_text() == first
+    moved.rename(per_user)
     assert "| GRU4Rec | default | 2 |" in (out / "seeded.md").read_text()
     # a new run planned before finished ones: the finished ones after it are still written
     compare([("Pop", "again", {}), "Pop", "GRU4Rec"], name, config_dict=config, output_dir=out, name="seeded", seeds=[2020],
