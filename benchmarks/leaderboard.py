@@ -233,10 +233,16 @@ def main() -> None:
     runs = [(model, setting, {**extra, **(llm if model in LLM_MODELS else {})})
             for run, model, setting, extra in ALL_RUNS if run in chosen and run not in blocked]
     threads = os.environ.get("OMP_NUM_THREADS", "2")
+    table_seeds = set(seeds)  # the preface names every seed of the table: this call's and the kept runs'
+    if not args.fresh and (RESULTS / f"{table}.csv").is_file():
+        from recbole_llmalign.report import records_from_csv
+
+        table_seeds |= {r["seed"] for r in records_from_csv(RESULTS / f"{table}.csv")[1] if r["seed"] is not None}
     ratio = args.new_item_ratio
     preface = (
         f"Dataset {name}" + (f" ({args.users} random users of {args.dataset}, all their interactions)" if args.users else "")
-        + f"; time-ordered leave-one-out, full ranking; seeds {', '.join(map(str, seeds))} (mean ± sample std over seeds). "
+        + f"; time-ordered leave-one-out, full ranking; seeds {', '.join(map(str, sorted(table_seeds)))} (mean ± sample std over "
+        "the seeds each row ran: its `seeds` column). "
         f"Non-LLM rows (and the LLM rows' AlignSASRec backbone): up to {args.epochs} epochs, early stopping after "
         f"{args.stopping_step} validations without a better valid NDCG@10. LLM rows: {args.llm_epochs} epochs, validated "
         f"after the last. train_time_budget of every run: {f'{args.budget:.0f} s' if args.budget else 'none'}. Cold slice: "

@@ -112,6 +112,7 @@ def run_with_cost(
     labeled = (mode.get("test") if isinstance(mode, dict) else mode) == "labeled"
     test_warm_result = evaluate_cold_slice(config, trainer, train_data, test_data, warm=True) if labeled else None
     backbone_test_result = evaluate_backbone(trainer, model_obj, test_data)  # models with a frozen backbone: same test data
+    backbone_slices = backbone_slice_results(config, train_data, test_data, trainer.last_per_user) if backbone_test_result else {}
 
     logger.info("The running environment of this training is as follows:\n" + get_environment(config).draw())
     logger.info(set_color("best valid ", "yellow") + f": {best_valid_result}")
@@ -135,6 +136,9 @@ def run_with_cost(
     if backbone_test_result is not None:
         logger.info(set_color("test result, backbone", "yellow") + f": {backbone_test_result}")
         result["backbone_test_result"] = backbone_test_result
+    for key, slice_result in backbone_slices.items():
+        logger.info(set_color(f"test result, backbone, {key.split('_')[2]} items", "yellow") + f": {slice_result}")
+        result[key] = slice_result
     epochs = len(trainer.epoch_train_seconds)
     cost = RunCost(
         epochs=epochs,
@@ -349,6 +353,23 @@ def evaluate_new_slice(config: Any, trainer: Any, test_data: Any,
     """Test metrics on the rows whose test item is new (``new_item_ratio``: never in training, as target
     or input); None when the protocol is off or the slice is empty."""
     return evaluate_rows(config, trainer, test_data, new_rows(test_data), per_user)
+
+
+def backbone_slice_results(config: Any, train_data: Any, test_data: Any,
+                           per_user: dict[str, Any] | None) -> dict[str, dict[str, float]]:
+    """The own backbone's cold and new slices (``backbone_test_cold_result`` / ``backbone_test_new_result``),
+    averaged from its per-user test metrics (``per_user``, the backbone's evaluation): the ratio a new-item
+    claim is judged on. Only from per-user values, never by evaluating again (the trainer holds the LLM
+    model by then); none without them (distributed runs, labeled mode)."""
+    if per_user is None:
+        return {}
+    found = {"backbone_test_cold_result": cold_rows(config, train_data, test_data), "backbone_test_new_result": new_rows(test_data)}
+    results = {}
+    for key, rows in found.items():
+        averaged = slice_from_per_user(config, test_data, rows, per_user) if rows is not None and len(rows) else None
+        if averaged is not None:
+            results[key] = {**averaged, "n_users": float(len(rows))}
+    return results
 
 
 def save_per_user_metrics(config: Any, checkpoint: str, per_user: dict[str, Any] | None, train_data: Any,

@@ -2,7 +2,8 @@
 
 CSV header: ``dataset,model,setting,split,metric,value``. ``split`` is ``valid``/``test`` (and
 ``test_cold`` / ``test_new`` for the cold-item and new-item slices, ``test_backbone`` for the own frozen
-backbone of an LLM model on the same test users) for quality metrics, ``train``
+backbone of an LLM model on the same test users, ``test_backbone_cold`` / ``test_backbone_new`` for it on
+those slices) for quality metrics, ``train``
 for training cost (``sec_per_epoch``, ``epochs``, ``train_sec``, ``peak_mem_mb``,
 ``train_time_budget`` (0 = none), ``seed``) and ``test`` for ``eval_sec`` (one full-ranking pass
 over the test users). Metric names are RecBole's.
@@ -48,7 +49,10 @@ INTEGER_COSTS = ("epochs", "best_epoch", "seed")
 STOP_REASONS = ("early_stop", "budget", "epochs")  # RecBole's stopping_step, train_time_budget, the last epoch
 RESULT_SPLITS = (("valid", "best_valid_result"), ("test", "test_result"), ("test_cold", "test_cold_result"),
                  ("test_new", "test_new_result"), ("test_warm", "test_warm_result"),
-                 ("test_backbone", "backbone_test_result"))  # a frozen-backbone model's own backbone, same test users
+                 ("test_backbone", "backbone_test_result"),  # a frozen-backbone model's own backbone, same test users,
+                 ("test_backbone_cold", "backbone_test_cold_result"),  # and on the same slices
+                 ("test_backbone_new", "backbone_test_new_result"))
+BACKBONE_SLICES = (("test_cold_result", "backbone_test_cold_result", "cold"), ("test_new_result", "backbone_test_new_result", "new"))
 AGGREGATES = ("mean", "std")
 DIFF_SUFFIXES = ("_diff", "_diff_lo", "_diff_hi")
 SIGNIFICANCE_SPLITS = ("test", "test_cold", "test_new")
@@ -163,6 +167,11 @@ def _slice_columns(records: list[dict[str, Any]], metrics: list[str]) -> list[tu
             if any(r["result"].get(key) for r in records)]
 
 
+def _backbone_slice_columns(records: list[dict[str, Any]]) -> list[tuple[str, str, str]]:
+    """(model's slice key, its backbone's slice key, label) of each slice whose own-backbone value some record has."""
+    return [entry for entry in BACKBONE_SLICES if any(r["result"].get(entry[1]) for r in records)]
+
+
 def backbone_cell(value: float | None, backbone: float | None) -> str:
     """The own backbone's test value and the model's ratio to it ("-" for models without one)."""
     if value is None or not backbone:
@@ -181,9 +190,11 @@ def markdown_table(records: list[dict[str, Any]], metrics: list[str] | None = No
     slices = _slice_columns(records, slice_metrics)
     budgets = any(r["cost"].get("train_time_budget") for r in records)
     backbones = any(r["result"].get("backbone_test_result") for r in records)
+    backbone_slices = _backbone_slice_columns(records)
     header = (["model", "setting", f"valid {metrics[0]}"] + [f"test {m}" for m in metrics]
               + [f"{label} {m}" for _, label, ms in slices for m in ms + ["users"]]
               + ([f"own backbone test {metrics[0]} (ratio)"] if backbones else [])
+              + [f"own backbone {label} {metrics[0]} (ratio)" for _, _, label in backbone_slices]
               + ["s/epoch", f"s/epoch vs {records[0]['model']}", "epochs (best)", "stopped_by"] + (["budget s"] if budgets else [])
               + ["s to best", "eval s", "peak MB"] + (["notes"] if notes else []))
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -198,6 +209,9 @@ def markdown_table(records: list[dict[str, Any]], metrics: list[str] | None = No
             cells += [f"{part.get(m, float('nan')):.4f}" for m in ms] + [f"{part.get('n_users', 0):.0f}"]
         if backbones:
             cells.append(backbone_cell(test.get(metrics[0]), (record["result"].get("backbone_test_result") or {}).get(metrics[0])))
+        for own_key, backbone_key, _ in backbone_slices:
+            cells.append(backbone_cell((record["result"].get(own_key) or {}).get(metrics[0]),
+                                       (record["result"].get(backbone_key) or {}).get(metrics[0])))
         cells += [f"{cost['sec_per_epoch']:.1f}", f"{cost['sec_per_epoch'] / base_epoch:.2f}x",
                   f"{cost['epochs']} ({cost.get('best_epoch', 0)})", stop_cell(cost)]
         cells += [budget_cell(cost)] if budgets else []
@@ -556,9 +570,11 @@ def seeds_table(rows: Iterable[Any], metrics: list[str] | None = None, notes: di
     columns = [(ref, key) for ref, key in keyed if diffs.get(key)]  # (as titled, key in diffs) of references with rows
     budgets = any(r["cost"].get("train_time_budget") for r in means.values())
     backbones = any(r["result"].get("backbone_test_result") for r in means.values())
+    backbone_slices = _backbone_slice_columns(list(means.values()))
     header = (["model", "setting", "seeds"] + [f"test {m}" for m in metrics]
               + [f"{label} {m}" for _, label, ms in slices for m in ms + ["users"]]
               + ([f"own backbone test {metrics[0]} (ratio)"] if backbones else [])
+              + [f"own backbone {label} {metrics[0]} (ratio)" for _, _, label in backbone_slices]
               + [f"test {diff_metrics.get(key, 'ndcg@10')} - {ref} [95%]" for ref, key in columns]
               + ["s/epoch", "epochs", "stopped_by"] + (["budget s"] if budgets else []) + ["peak MB"] + (["notes"] if notes else []))
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -588,6 +604,9 @@ def seeds_table(rows: Iterable[Any], metrics: list[str] | None = None, notes: di
         if backbones:
             cells.append(backbone_cell((record["result"].get("test_result") or {}).get(metrics[0]),
                                        (record["result"].get("backbone_test_result") or {}).get(metrics[0])))
+        for own_key, backbone_key, _ in backbone_slices:
+            cells.append(backbone_cell((record["result"].get(own_key) or {}).get(metrics[0]),
+                                       (record["result"].get(backbone_key) or {}).get(metrics[0])))
         for _, ref_key in columns:
             found = [diffs[ref_key].get((model, setting, f"{diff_metrics.get(ref_key, 'ndcg@10')}{suffix}")) for suffix in DIFF_SUFFIXES]
             cells.append("-" if None in found else f"{found[0]:+.4f} [{found[1]:+.4f}, {found[2]:+.4f}] {_verdict(found[1], found[2])}")

@@ -256,15 +256,21 @@ def test_llm_rows_report_their_own_backbone_and_the_ratio_in_csv_and_tables(tmp_
     """A frozen-backbone model's backbone test metrics become split test_backbone and a ratio column."""
     records = [_record("AlignSASRec", "default", s, 0.30, 5) for s in (2020, 2021)]
     records += [_record("AlignLLMRec", "no_llm", s, v, 3) for s, v in ((2020, 0.33), (2021, 0.31))]
-    for record, backbone in zip(records[2:], (0.30, 0.29)):
+    for record, backbone, new in zip(records[2:], (0.30, 0.29), (0.10, 0.12)):
         record["result"]["backbone_test_result"] = {"ndcg@10": backbone}
+        record["result"]["backbone_test_new_result"] = {"ndcg@10": new}  # the new-item slice (the model's: half its test)
     report.write_comparison(records, "toy", tmp_path, "own")
     written = (tmp_path / "own.csv").read_text().splitlines()
     assert "toy,AlignLLMRec,no_llm/seed_2021,test_backbone,ndcg@10,0.29" in written
     assert "toy,AlignLLMRec,no_llm/mean,test_backbone,ndcg@10,0.295" in written
+    assert "toy,AlignLLMRec,no_llm/mean,test_backbone_new,ndcg@10,0.11" in written
     table = (tmp_path / "own.md").read_text()
-    assert "own backbone test ndcg@10 (ratio)" in table
+    assert "own backbone test ndcg@10 (ratio)" in table and "own backbone new ndcg@10 (ratio)" in table
+    assert "own backbone cold" not in table  # no record has that slice's backbone value
     assert "0.2950 (1.085x)" in table  # mean 0.32 over mean 0.295
+    assert "0.1100 (1.455x)" in table  # new: mean 0.16 over mean 0.11
+    _, rebuilt = report.records_from_csv(tmp_path / "own.csv")
+    assert rebuilt[3]["result"]["backbone_test_new_result"] == {"ndcg@10": 0.12}
     assert table.count("| - |") >= 1  # AlignSASRec has no own backbone
     single = report.markdown_table(records[2:3])
     assert "0.3000 (1.100x)" in single

@@ -123,17 +123,23 @@ def test_llm_model_summary_scores_the_frozen_backbone_on_the_same_test_data(cycl
     from recbole_llmalign.quick_start import run_with_cost
 
     data_path, name = cyclic_dataset
+    protocol = {"new_item_ratio": 0.2, "cold_item_threshold": 3}  # the slices a new-item claim is read from
     backbone_result, backbone_cost = run_with_cost("AlignSASRec", name, config_dict=cyclic_config(
-        data_path, item_text_fields=["title", "genre"], epochs=2))
+        data_path, item_text_fields=["title", "genre"], epochs=2, **protocol))
     assert "backbone_test_result" not in backbone_result  # a model without a backbone
     config = cyclic_config(data_path, item_text_fields=["title", "genre"], backbone_checkpoint=backbone_cost.checkpoint,
-                           llm_path=str(tiny_llama_dir), llm_layers=1, llm_micro_batch=16, show_progress=True)
+                           llm_path=str(tiny_llama_dir), llm_layers=1, llm_micro_batch=16, show_progress=True, **protocol)
     result, cost = run_with_cost("AlignLLMRec", name, config_dict=config)
 
     scored = result["backbone_test_result"]
     assert scored.keys() == backbone_result["test_result"].keys()
     for metric, value in backbone_result["test_result"].items():  # the backbone's own run, same split and protocol
         assert scored[metric] == pytest.approx(float(value), abs=1e-9)
+    for split in ("cold", "new"):  # and on the same slices, so a slice's ratio model / own backbone can be read
+        own, backbone_own = result[f"backbone_test_{split}_result"], backbone_result[f"test_{split}_result"]
+        assert own["n_users"] == backbone_own["n_users"] > 0 and own["n_users"] == result[f"test_{split}_result"]["n_users"]
+        for metric, value in backbone_own.items():
+            assert own[metric] == pytest.approx(float(value), abs=1e-6)
     assert "LLM scoring" in capsys.readouterr().err  # the micro-batch bar of the LLM evaluation
 
     from dataclasses import asdict
