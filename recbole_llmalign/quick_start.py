@@ -26,7 +26,7 @@ from recbole_llmalign.config import Config, upgrade_config
 from recbole_llmalign.data import data_preparation, prepare_dataset
 from recbole_llmalign.io import atomic_write_text, atomic_write_with, config_key
 from recbole_llmalign.logs import evaluate_backbone, log_run_summary, quiet_third_party_warnings
-from recbole_llmalign.trainer import stacking_holdout, with_run_controls
+from recbole_llmalign.trainer import cross_fit_folds, stacking_holdout, with_run_controls
 from recbole_llmalign.utils import get_model, get_trainer
 
 
@@ -169,7 +169,7 @@ def run_with_cost(
 
 # Backbone keys added later whose default trains exactly what versions before them trained (a
 # fresh start): they stay out of the cache key, so the backbones those versions cached stay valid.
-DEFAULTS_AS_OLDER_VERSIONS_TRAINED = frozenset({"init_checkpoint"})
+DEFAULTS_AS_OLDER_VERSIONS_TRAINED = frozenset({"init_checkpoint", "exclude_user_fold"})
 
 
 def backbone_settings_and_key(config: Any, backbone_model: str) -> tuple[dict[str, Any], str]:
@@ -207,12 +207,22 @@ def ensure_backbone(config: Any, config_file_list: list[str] | None = None) -> N
     Models that declare ``backbone_model`` (AlignLLMRec: AlignSASRec) read ``backbone_checkpoint``.
     When it is empty, the backbone is trained once with the same dataset settings and stored
     under ``<checkpoint_dir>/backbones/`` keyed by those settings; later runs reuse it. With
-    ``backbone_refit_epochs`` (AlignLLMRec) its refit is ensured too (``ensure_refit_backbone``).
+    ``backbone_refit_epochs`` (AlignLLMRec) its refit is ensured too (``ensure_refit_backbone``); with
+    ``cross_fit_folds`` the backbone holds nothing out and the fold backbones are ensured beside it.
     """
     model_class = get_model(config["model"])
     backbone_model = getattr(model_class, "backbone_model", None)
     if backbone_model is None:
         return
+    folds = cross_fit_folds(config)
+    if folds and int(config["backbone_refit_epochs"] or 0) > 0:
+        raise ValueError("cross_fit_folds evaluates with a backbone trained on every user and target, so there is nothing "
+                         "to refit: set backbone_refit_epochs to 0 (or cross_fit_folds to 0).")
+    if folds and config["backbone_checkpoint"] and not config["cross_fit_backbone_checkpoints"]:
+        raise ValueError(
+            "cross_fit_folds trains the fold backbones of the automatic backbone; for your backbone_checkpoint, train them "
+            "yourself (--model=AlignSASRec --exclude_user_fold=[i,K] --holdout_last_targets=0 with its settings, for i = 0 "
+            "..K-1) and pass them as cross_fit_backbone_checkpoints, or set cross_fit_folds to 0.")
     refit_epochs = 0 if config["refit_backbone_checkpoint"] else int(config["backbone_refit_epochs"] or 0)
     if refit_epochs > 0 and stacking_holdout(config) <= 0:
         raise ValueError("backbone_refit_epochs refits a backbone that held out the stacking targets, but "
@@ -230,6 +240,9 @@ def ensure_backbone(config: Any, config_file_list: list[str] | None = None) -> N
         getLogger().info(f"No backbone_checkpoint given: training {backbone_model} on {config['dataset']} once -> {target}")
         _train_and_cache(backbone_model, config, config_file_list, shared, target)
     config["backbone_checkpoint"] = str(target)
+    if folds and not config["cross_fit_backbone_checkpoints"]:
+        config["cross_fit_backbone_checkpoints"] = [
+            str(ensure_fold_backbone(config, config_file_list, backbone_model, shared, (index, folds))) for index in range(folds)]
     if refit_epochs > 0:
         config["refit_backbone_checkpoint"] = str(ensure_refit_backbone(config, config_file_list, backbone_model, shared,
                                                                         key, refit_epochs))
@@ -245,6 +258,19 @@ def _train_and_cache(backbone_model: str, config: Any, config_file_list: list[st
                             {**settings, "show_progress": config["show_progress"]}, saved=True)
     atomic_write_with(target, lambda temp: shutil.copyfile(cost.checkpoint, temp))
     init_logger(config)  # the backbone run replaced the log handlers
+
+
+def ensure_fold_backbone(config: Any, config_file_list: list[str] | None, backbone_model: str, shared: dict[str, Any],
+                         fold: tuple[int, int]) -> Path:
+    """Cross-fitting fold ``fold`` = (i, K): the automatic backbone's settings, trained without the users of fold i
+    (``exclude_user_fold``), cached under its own key like the backbone."""
+    settings = {**shared, "exclude_user_fold": list(fold)}
+    key = config_key({"dataset": config["dataset"], **settings, "fold_of": backbone_settings_and_key(config, backbone_model)[1]})
+    target = Path(config["checkpoint_dir"]) / "backbones" / f"{backbone_model}-{config['dataset']}-fold{fold[0]}of{fold[1]}-{key}.pth"
+    if not target.is_file():
+        getLogger().info(f"cross_fit_folds={fold[1]}: training {backbone_model} without fold {fold[0]}'s users -> {target}")
+        _train_and_cache(backbone_model, config, config_file_list, settings, target)
+    return target
 
 
 def ensure_refit_backbone(config: Any, config_file_list: list[str] | None, backbone_model: str, shared: dict[str, Any],
@@ -451,7 +477,7 @@ def run_distributed(model: str | None, dataset: str | None, config_file_list: li
     init_logger(parent)
     prepare_dataset(parent)
     ensure_backbone(parent, config_file_list)
-    for key in ("backbone_checkpoint", "refit_backbone_checkpoint"):  # the ranks load what the parent trained
+    for key in ("backbone_checkpoint", "refit_backbone_checkpoint", "cross_fit_backbone_checkpoints"):  # the ranks load what the parent trained
         if key in parent and parent[key]:
             config_dict[key] = parent[key]
     config_dict.update(world_size=world_size if world_size > 0 else nproc, ip=ip, port=port, nproc=nproc, offset=group_offset)

@@ -36,6 +36,8 @@ from recbole_llmalign.compat import remember_own_checkpoint
 from recbole_llmalign.data.sampling import (
     all_positions_index,
     distance_to_user_end,
+    parse_user_fold,
+    rows_outside_user_fold,
     sample_budget_rows,
     select_training_rows,
 )
@@ -207,8 +209,20 @@ def with_run_controls(trainer_class: type) -> type:
 
 def stacking_holdout(config: Any) -> int:
     """Last training targets per user that the backbone holds out and the LLM model trains on
-    (``holdout_last_targets`` of the model's YAML; 0 for models without stacking)."""
+    (``holdout_last_targets`` of the model's YAML; 0 for models without stacking, and under
+    cross-fitting, whose fold backbones leave whole users out: every training target is then an
+    honest sample)."""
+    if cross_fit_folds(config):
+        return 0
     return int(config["holdout_last_targets"]) if "holdout_last_targets" in config else 0
+
+
+def cross_fit_folds(config: Any) -> int:
+    """``cross_fit_folds`` of an LLM model (0 = off, also for models without the key); refused below 2."""
+    folds = int(config["cross_fit_folds"] or 0) if "cross_fit_folds" in config else 0
+    if folds == 1 or folds < 0:
+        raise ValueError(f"cross_fit_folds must be 0 (off) or >= 2 (fold backbones, each leaving one fold of users out), got {folds}.")
+    return folds
 
 
 class AlignSASRecTrainer(RunControlsMixin, HistoryExclusionMixin, Trainer):
@@ -216,17 +230,24 @@ class AlignSASRecTrainer(RunControlsMixin, HistoryExclusionMixin, Trainer):
 
     def fit(self, train_data: Any, valid_data: Any = None, *args: Any, **kwargs: Any) -> Any:
         holdout = int(self.config["holdout_last_targets"])
+        fold = parse_user_fold(self.config["exclude_user_fold"])
+        outside = rows_outside_user_fold(train_data._dataset, fold)  # cross-fitting: the fold's users are never seen
+        if fold is not None:
+            self.logger.info(f"exclude_user_fold={list(fold)}: {int((~outside).sum())} rows of fold {fold[0]} of {fold[1]}'s "
+                             "users left out.")
         if self.model.train_mode == "all_positions":
-            train_data = self._all_positions_loader(train_data, holdout)
-        elif holdout > 0:
+            train_data = self._all_positions_loader(train_data, holdout, outside)
+        elif holdout > 0 or outside is not None:
             users = train_data._dataset.inter_feat[train_data._dataset.uid_field].numpy()
-            index = np.flatnonzero(distance_to_user_end(users) >= holdout)
-            train_data = subset_loader(self.config, train_data, index, int(self.config["train_batch_size"]))
+            keep = (distance_to_user_end(users) >= holdout) & (True if outside is None else outside)
+            train_data = subset_loader(self.config, train_data, np.flatnonzero(keep), int(self.config["train_batch_size"]))
         return super().fit(train_data, valid_data, *args, **kwargs)
 
-    def _all_positions_loader(self, train_data: Any, holdout: int = 0) -> Any:
+    def _all_positions_loader(self, train_data: Any, holdout: int = 0, outside: np.ndarray | None = None) -> Any:
         dataset = train_data._dataset
         index = all_positions_index(dataset.inter_feat[dataset.uid_field].numpy(), self.config["MAX_ITEM_LIST_LENGTH"], holdout)
+        if outside is not None:  # a window is one user's: keep those of users outside the left-out fold
+            index = index[outside[index]]
         held = f", each user's last {holdout} targets held out" if holdout else ""
         self.logger.info(f"all_positions: {len(index)} windows instead of {len(dataset)} prefixes per epoch{held}.")
         return subset_loader(self.config, train_data, index, int(self.config["all_positions_batch_size"]))

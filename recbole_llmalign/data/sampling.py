@@ -9,7 +9,7 @@ text (likely noise for a text-reading model).
 from __future__ import annotations
 
 import re
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -87,6 +87,40 @@ def all_positions_index(user_ids: np.ndarray, window: int, holdout: int = 0) -> 
     """
     distance = distance_to_user_end(user_ids) - holdout
     return np.flatnonzero((distance >= 0) & (distance % window == 0))
+
+
+def user_folds(dataset: Any, folds: int) -> np.ndarray:
+    """[n users] the cross-fitting fold (0 .. folds-1) of every internal user id, by a CRC32 of the
+    user's token: the same user is in the same fold in every run, split and process (``hash()`` is
+    salted per process), whatever the seed, so a fold backbone and the LLM model agree on it."""
+    import zlib
+
+    tokens = dataset.field2id_token[dataset.uid_field]
+    return np.array([zlib.crc32(str(token).encode("utf-8")) % folds for token in tokens], dtype=np.int64)
+
+
+def parse_user_fold(value: Any) -> tuple[int, int] | None:
+    """``exclude_user_fold`` ([i, K]: fold i of K is left out; "i/K" in a YAML string too) as (i, K); None when unset."""
+    if value is None or value == "":
+        return None
+    found = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", value) if isinstance(value, str) else None
+    parts = (found.group(1), found.group(2)) if found else value
+    try:
+        index, count = (int(part) for part in parts)
+    except (TypeError, ValueError):
+        index, count = -1, 0
+    if count < 2 or not 0 <= index < count:
+        raise ValueError(f"exclude_user_fold must be [i, K] with K >= 2 and 0 <= i < K (the users of fold i of K are left "
+                         f"out), got {value!r}.")
+    return index, count
+
+
+def rows_outside_user_fold(dataset: Any, fold: tuple[int, int] | None) -> np.ndarray | None:
+    """[rows] bool: the training rows whose user is not in the left-out fold (None: no fold left out)."""
+    if fold is None:
+        return None
+    index, count = fold
+    return user_folds(dataset, count)[dataset.inter_feat[dataset.uid_field].numpy()] != index
 
 
 def sample_budget_rows(budget: float, n_rows: int) -> int:

@@ -5,6 +5,9 @@ AlignGenRec (as RecBole-GNN's ``GeneralGraphRecommender`` is for its graph model
 - the trained AlignSASRec backbone, loaded from ``backbone_checkpoint``, checked against the
   dataset and frozen; with ``refit_backbone_checkpoint`` a second one (the first continued on
   every training target) that evaluation reads instead (``backbone`` switches with the mode);
+  with ``cross_fit_backbone_checkpoints`` (cross-fitting) K fold backbones, each trained without
+  one fold of users, and training reads, for each sample, the one that never saw its user
+  (``cross_fitted``), while evaluation reads ``backbone_checkpoint`` (trained on every user);
 - the decoder-only LLM (cut to ``llm_layers``, LoRA adapters when ``lora_r > 0``) with its
   tokenizer, input embeddings, decoder stack and LM head, its base weights frozen, in the dtype
   ``llm_dtype`` resolves to for the run's device; ``llm_autocast()`` is the context every LLM
@@ -25,6 +28,7 @@ from recbole.model.abstract_recommender import SequentialRecommender
 from torch import nn
 
 from recbole_llmalign.data.item_text import item_texts
+from recbole_llmalign.data.sampling import user_folds
 from recbole_llmalign.devices import HOST, llm_autocast
 from recbole_llmalign.llm.loader import load_causal_lm
 
@@ -68,6 +72,8 @@ class FrozenBackboneLLMRecommender(SequentialRecommender):
     # whether evaluation may read a refit backbone (AlignLLMRec: its scores are the backbone's plus a residual;
     # AlignGenRec's item codes are fit on its backbone's vectors, so another backbone would not match them)
     supports_backbone_refit: ClassVar[bool] = False
+    # whether training may read cross-fitting fold backbones (its calculate_loss goes through cross_fitted)
+    supports_cross_fitting: ClassVar[bool] = False
 
     def __init__(self, config: Any, dataset: Any) -> None:
         super().__init__(config, dataset)
@@ -81,6 +87,11 @@ class FrozenBackboneLLMRecommender(SequentialRecommender):
                 raise ValueError(f"{type(self).__name__} does not evaluate with a refit backbone; unset "
                                  "refit_backbone_checkpoint / backbone_refit_epochs (AlignLLMRec has them).")
             self.refit_backbone = self._load_refit_backbone(config["refit_backbone_checkpoint"], dataset, trust)
+        self.fold_backbones: nn.ModuleList | None = None
+        self.active_fold: int | None = None  # the fold whose samples a cross-fitted training step is scoring
+        if config["cross_fit_backbone_checkpoints"]:  # AlignLLMRec's cross_fit_folds (quick_start trains them)
+            self.fold_backbones = self._load_fold_backbones(list(config["cross_fit_backbone_checkpoints"]), dataset, trust)
+            self.register_buffer("user_fold", torch.from_numpy(user_folds(dataset, len(self.fold_backbones))), persistent=False)
         self.lora = int(config["lora_r"]) > 0
         # whether LLM weights change in training (LoRA adapters, or every weight with llm_init: scratch)
         self.llm_trained = self.lora or str(config["llm_init"] or "pretrained") == "scratch"
@@ -116,11 +127,71 @@ class FrozenBackboneLLMRecommender(SequentialRecommender):
                              f"{self.fit_backbone.item_representation}: refit a copy of the backbone (init_checkpoint).")
         return refit
 
+    def _load_fold_backbones(self, paths: list[str], dataset: Any, trust: bool) -> nn.ModuleList:
+        """The cross-fitting backbones: the i-th trained without the users of fold i of K (``exclude_user_fold``),
+        every fold exactly once, on every target of the other users, with the evaluation backbone's sizes."""
+        from recbole_llmalign.data.sampling import parse_user_fold
+
+        if not self.supports_cross_fitting:
+            raise ValueError(f"{type(self).__name__} does not train with cross-fitting fold backbones; unset "
+                             "cross_fit_backbone_checkpoints / cross_fit_folds (AlignLLMRec has them).")
+        if self.refit_backbone is not None:
+            raise ValueError("cross_fit_backbone_checkpoints and refit_backbone_checkpoint both set: cross-fitting evaluates "
+                             "with backbone_checkpoint (trained on every user and target), so there is nothing to refit; "
+                             "unset one of them (backbone_refit_epochs 0 with cross_fit_folds).")
+        if self.backbone_holdout:
+            raise ValueError(f"cross-fitting evaluates with backbone_checkpoint, which holds out {self.backbone_holdout} "
+                             "targets per user: pass one trained on every target (holdout_last_targets 0).")
+        backbones = []
+        for index, path in enumerate(paths):
+            backbone, backbone_config = load_backbone(path, dataset, type(self).__name__, trust)
+            fold = parse_user_fold(backbone_config["exclude_user_fold"])
+            if fold != (index, len(paths)) or int(backbone_config["holdout_last_targets"] or 0):
+                raise ValueError(f"cross_fit_backbone_checkpoints[{index}] ({path}) was trained with exclude_user_fold="
+                                 f"{backbone_config['exclude_user_fold']} and holdout_last_targets="
+                                 f"{backbone_config['holdout_last_targets']}; entry i of K must leave out fold i of K "
+                                 f"(exclude_user_fold [{index}, {len(paths)}]) and hold out no targets.")
+            if backbone.hidden_size != self.fit_backbone.hidden_size or \
+                    backbone.item_representation != self.fit_backbone.item_representation:
+                raise ValueError(f"cross_fit_backbone_checkpoints[{index}] ({path}) has hidden_size {backbone.hidden_size} and "
+                                 f"{backbone.item_representation} items, backbone_checkpoint {self.fit_backbone.hidden_size} "
+                                 f"and {self.fit_backbone.item_representation}: train the folds with the backbone's settings.")
+            backbones.append(backbone)
+        return nn.ModuleList(backbones)
+
     @property
     def backbone(self) -> nn.Module:
         """The frozen AlignSASRec the model reads now: in training the one that never fit the stacking
-        samples (``fit_backbone``), in evaluation ``scoring_backbone``."""
-        return self.fit_backbone if self.training else self.scoring_backbone
+        samples (``fit_backbone``; under cross-fitting the fold backbone of ``active_fold``), in
+        evaluation ``scoring_backbone``."""
+        if not self.training:
+            return self.scoring_backbone
+        if self.fold_backbones is None:
+            return self.fit_backbone
+        if self.active_fold is None:
+            raise RuntimeError("cross-fitting: a training step must go through cross_fitted, which picks for each "
+                               "sample the fold backbone that never saw its user.")
+        return self.fold_backbones[self.active_fold]
+
+    def cross_fitted(self, interaction: Any, loss_of: Any) -> Any:
+        """``loss_of(interaction)``, or under cross-fitting the mean over the batch of it computed per fold of
+        users, each fold's rows scored by the fold backbone that never saw them (weights: rows per fold).
+        A loss may be a tensor or a tuple of tensors (RecBole sums a tuple's parts)."""
+        if self.fold_backbones is None or not self.training:
+            return loss_of(interaction)
+        folds = self.user_fold[interaction[self.USER_ID]]
+        total: Any = None
+        try:
+            for fold in folds.unique().tolist():
+                rows = torch.nonzero(folds == fold).squeeze(1)
+                self.active_fold = int(fold)
+                part = loss_of(interaction[rows])
+                weight = len(rows) / len(folds)
+                parts = part if isinstance(part, tuple) else (part,)
+                total = [p * weight for p in parts] if total is None else [t + p * weight for t, p in zip(total, parts)]
+        finally:
+            self.active_fold = None
+        return tuple(total) if len(total) > 1 else total[0]
 
     @property
     def scoring_backbone(self) -> nn.Module:
@@ -152,6 +223,8 @@ class FrozenBackboneLLMRecommender(SequentialRecommender):
         self.fit_backbone.eval()  # frozen: dropout off, item table cached
         if self.refit_backbone is not None:
             self.refit_backbone.eval()
+        if self.fold_backbones is not None:
+            self.fold_backbones.eval()
         self.llm.eval()  # frozen base: no dropout (LoRA dropout off too: adapters are small)
         return self
 

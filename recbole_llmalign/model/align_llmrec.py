@@ -52,12 +52,13 @@ class AlignLLMRec(FrozenBackboneLLMRecommender):
     """Soft-prompt LLM recommender with full ranking (see module docstring)."""
 
     supports_backbone_refit = True
+    supports_cross_fitting = True
 
     def __init__(self, config: Any, dataset: Any) -> None:
         super().__init__(config, dataset)
         if config["task"] == "labeled":  # the key of checkpoints and configs from before AlignLLMRecCTR
             raise ValueError("task: labeled is now its own model: run --model=AlignLLMRecCTR (same keys, no task key).")
-        self.cf_dim = self.backbone.hidden_size
+        self.cf_dim = self.scoring_backbone.hidden_size
         for key, actual in (("backbone_hidden_size", self.cf_dim), ("llm_hidden_size", self.llm_hidden_size)):
             if config[key] is not None and int(config[key]) != actual:
                 raise ValueError(f"{key} is {config[key]} but the loaded model ({self.llm_source} / backbone) has "
@@ -70,7 +71,7 @@ class AlignLLMRec(FrozenBackboneLLMRecommender):
         # out (unseen_items: text). Its own, not the backbone's: the held-out targets are this model's.
         unseen = ~training_items(dataset, self.n_items)
         self.register_buffer("unseen_item_mask", unseen, persistent=False)
-        self._item_side: ItemSide | None = None
+        self._item_side: dict[int, ItemSide] = {}  # per backbone read (the fold backbones under cross-fitting differ)
         self.cost_report: dict[str, float] = {}  # rows for the run's CSV (rerank_top_n: training samples seen and used)
         self._instruction_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None
 
@@ -170,22 +171,23 @@ class AlignLLMRec(FrozenBackboneLLMRecommender):
 
     def train(self, mode: bool = True) -> AlignLLMRec:
         super().train(mode)
-        self._item_side = None
+        self._item_side = {}
         if self.llm_trained:
             self._instruction_kv = None  # adapters (or, from scratch, all LLM weights) may have moved
         return self
 
     def item_side(self) -> ItemSide:
         """Scoring table, item ID embeddings and fused text of the frozen backbone (cached)."""
-        if self._item_side is None:
+        backbone = self.backbone
+        if id(backbone) not in self._item_side:
             with torch.no_grad():
-                table = self.backbone._scoring_table().detach()
-                fused = self.backbone.fused_text()[0].detach() if self.backbone.uses_text else table
-                ids = self.backbone.item_embedding.weight.detach()
-                if self.backbone.uses_text and self.backbone.item_representation == "id+text":
+                table = backbone._scoring_table().detach()
+                fused = backbone.fused_text()[0].detach() if backbone.uses_text else table
+                ids = backbone.item_embedding.weight.detach()
+                if backbone.uses_text and backbone.item_representation == "id+text":
                     ids = table - fused  # the ID half it scores with: an unseen item's borrowed row, not its untrained one
-                self._item_side = ItemSide(table, ids, fused)
-        return self._item_side
+                self._item_side[id(backbone)] = ItemSide(table, ids, fused)
+        return self._item_side[id(backbone)]
 
     # ---- LLM pass ----
     def instruction_kv(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -317,6 +319,10 @@ class AlignLLMRec(FrozenBackboneLLMRecommender):
 
     # ---- RecBole interface ----
     def calculate_loss(self, interaction: Any) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """The training loss; under cross-fitting computed per fold of users with that fold's backbone."""
+        return self.cross_fitted(interaction, self._loss)
+
+    def _loss(self, interaction: Any) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         if self.rerank_top_n:
             return self.rerank_loss(interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN], interaction[self.POS_ITEM_ID])
         scores, query = self.scores_and_query(interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN])

@@ -30,6 +30,8 @@ LEGACY_RANKING_KEYS = ("ranking_head.weight", "ranking_head.bias")
 class AlignLLMRecCTR(AlignLLMRec):
     """Yes/no scoring of (history, candidate) pairs with AlignLLMRec's prompt (see module docstring)."""
 
+    supports_cross_fitting = False  # its own loss (yes/no labels) does not go through cross_fitted
+
     def _build_head(self, config: Any, dataset: Any) -> None:
         """Answer tokens, the margin correction, the backbone-score weight and the like-rate features."""
         self.LABEL = config["LABEL_FIELD"]

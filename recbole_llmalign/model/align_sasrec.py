@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from recbole.model.sequential_recommender.sasrec import SASRec
 
+from recbole_llmalign.data.sampling import parse_user_fold
 from recbole_llmalign.model.layers import info_nce
 from recbole_llmalign.model.unseen_items import text_only_item_vectors, training_items
 from recbole_llmalign.text.features import item_text_features
@@ -76,7 +77,8 @@ class AlignSASRec(SASRec):
             raise ValueError(f"unseen_items must be one of {UNSEEN_ITEM_MODES}, got '{mode}'.")
         self.unseen_items = mode if self.uses_text else "negatives"  # ids only: plain SASRec, nothing to read them from
         self.unseen_item_neighbours = int(config["unseen_item_neighbours"] or 0)
-        unseen = ~training_items(dataset, self.n_items, int(config["holdout_last_targets"] or 0))  # as the loss sees them
+        unseen = ~training_items(dataset, self.n_items, int(config["holdout_last_targets"] or 0),
+                                 parse_user_fold(config["exclude_user_fold"]))  # as the loss sees them
         unseen[0] = False  # padding: RecBole's CE keeps its column; only real items are left out
         self.register_buffer("unseen_item_mask", unseen, persistent=False)
         self._eval_table: torch.Tensor | None = None

@@ -17,18 +17,26 @@ from recbole_llmalign.data.sampling import distance_to_user_end
 from recbole_llmalign.devices import HOST
 
 
-def training_items(train_dataset: Any, n_items: int, holdout: int = 0) -> torch.Tensor:
+def training_items(train_dataset: Any, n_items: int, holdout: int = 0, exclude_user_fold: tuple[int, int] | None = None
+                   ) -> torch.Tensor:
     """[N] bool: the items the training split shows, as a target or in a history (whose backbone ID row was trained).
 
     ``holdout`` > 0 (``holdout_last_targets``): the rows of each user's last ``holdout`` targets
     are left out, as the backbone's loss leaves them out (neither target nor input of any window
-    it trains on), so an item seen only there counts as untrained.
+    it trains on), so an item seen only there counts as untrained. ``exclude_user_fold`` (i, K):
+    the rows of the users in fold i of K are left out too (a cross-fitting fold backbone).
     """
+    from recbole_llmalign.data.sampling import rows_outside_user_fold
+
     inter = train_dataset.inter_feat
     rows = slice(None)
+    keep = rows_outside_user_fold(train_dataset, exclude_user_fold)
     if holdout > 0:
         users = inter[train_dataset.uid_field].numpy()
-        rows = torch.from_numpy(np.flatnonzero(distance_to_user_end(users) >= holdout))
+        held = distance_to_user_end(users) >= holdout
+        keep = held if keep is None else keep & held
+    if keep is not None:
+        rows = torch.from_numpy(np.flatnonzero(keep))
     found = [inter[train_dataset.iid_field][rows]]
     list_field = getattr(train_dataset, "item_id_list_field", None)
     if list_field is not None and list_field in inter:

@@ -1,0 +1,143 @@
+"""Cross-fitting (``cross_fit_folds``): fold backbones that each leave one fold of users out, and
+AlignLLMRec training on every target with, for each sample, the backbone that never saw its user."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import recbole_llmalign  # noqa: F401
+from tests.conftest import cyclic_config
+
+
+def _prepared(model: str, data_path: str, name: str, **overrides):
+    from recbole.data import create_dataset, data_preparation
+
+    from recbole_llmalign.config import Config
+
+    config = Config(model=model, dataset=name, config_dict=cyclic_config(data_path, item_text_fields=["title", "genre"],
+                                                                         **overrides))
+    train, valid, test = data_preparation(config, create_dataset(config))
+    return config, train, valid, test
+
+
+def test_user_folds_are_stable_partitions_and_bad_folds_are_refused(cyclic_dataset):
+    from recbole_llmalign.data.sampling import parse_user_fold, user_folds
+
+    data_path, name = cyclic_dataset
+    _, train, _, _ = _prepared("AlignSASRec", data_path, name)
+    folds = user_folds(train._dataset, 2)
+    again = user_folds(_prepared("AlignSASRec", data_path, name, seed=7)[1]._dataset, 2)
+    assert np.array_equal(folds, again)  # the user's token decides, not the seed or the process
+    assert set(folds[1:].tolist()) == {0, 1} and 0.2 < folds[1:].mean() < 0.8  # both folds hold users
+    assert parse_user_fold([1, 3]) == (1, 3) and parse_user_fold("0/2") == (0, 2) and parse_user_fold(None) is None
+    for bad in ([2, 2], [0, 1], "half", 0.0):
+        with pytest.raises(ValueError, match="exclude_user_fold must be"):
+            parse_user_fold(bad)
+
+
+@pytest.mark.parametrize("train_mode", ["all_positions", "prefix"])
+def test_a_fold_backbone_never_trains_on_a_row_of_its_fold_users(cyclic_dataset, monkeypatch, train_mode):
+    from recbole.trainer import Trainer
+
+    from recbole_llmalign.data.sampling import user_folds
+    from recbole_llmalign.model.align_sasrec import AlignSASRec
+    from recbole_llmalign.model.unseen_items import training_items
+    from recbole_llmalign.trainer import AlignSASRecTrainer
+
+    data_path, name = cyclic_dataset
+    config, train, valid, _ = _prepared("AlignSASRec", data_path, name, exclude_user_fold=[0, 2], train_mode=train_mode)
+    seen = {}
+    monkeypatch.setattr(Trainer, "fit", lambda self, data, *a, **k: seen.setdefault("data", data) and (0.0, {}))
+    model = AlignSASRec(config, train._dataset)
+    AlignSASRecTrainer(config, model).fit(train, valid, saved=False)
+    dataset = seen["data"]._dataset
+    folds = user_folds(train._dataset, 2)
+    trained_users = dataset.inter_feat[dataset.uid_field].numpy()
+    all_users = train._dataset.inter_feat[train._dataset.uid_field].numpy()
+    assert len(trained_users) and not (folds[trained_users] == 0).any()  # no row of a fold-0 user, as target or window
+    assert set(trained_users.tolist()) == set(all_users[folds[all_users] == 1].tolist())  # every fold-1 user trains
+    # items only fold-0 users show are unseen for this backbone (their ID rows never train)
+    outside = training_items(train._dataset, model.n_items, exclude_user_fold=(0, 2))
+    assert torch.equal(~model.unseen_item_mask[1:], outside[1:])
+    assert outside.sum() <= training_items(train._dataset, model.n_items).sum()
+
+
+def test_cross_fitted_training_reads_for_each_sample_the_backbone_that_never_saw_its_user(cyclic_dataset, tiny_llama_dir,
+                                                                                          monkeypatch):
+    from recbole_llmalign.compat import load_checkpoint
+    from recbole_llmalign.model.align_llmrec import AlignLLMRec
+    from recbole_llmalign.quick_start import run_with_cost
+    from recbole_llmalign.utils import get_model
+
+    data_path, name = cyclic_dataset
+    llm = dict(llm_path=str(tiny_llama_dir), llm_layers=1, train_batch_size=64, backbone_epochs=2, denoise_samples=False,
+               epochs=1, train_sample_budget=1.0)
+    scored: list[tuple[int, torch.Tensor]] = []
+    original = AlignLLMRec._loss
+
+    def recording(self, interaction):
+        scored.append((self.active_fold, interaction[self.USER_ID].clone()))
+        return original(self, interaction)
+
+    monkeypatch.setattr(AlignLLMRec, "_loss", recording)
+    result, cost = run_with_cost("AlignLLMRec", name, config_dict=cyclic_config(
+        data_path, item_text_fields=["title", "genre"], cross_fit_folds=2, **llm))
+    files = sorted(Path("saved/backbones").glob("AlignSASRec-cyclic-*.pth"))
+    fold_files = [p for p in files if "-fold" in p.name]
+    (full_file,) = [p for p in files if "-fold" not in p.name]
+    assert [p.name.split("-")[2] for p in fold_files] == ["fold0of2", "fold1of2"]
+    for index, path in enumerate(fold_files):
+        saved = load_checkpoint(path, map_location="cpu")["config"]
+        assert list(saved["exclude_user_fold"]) == [index, 2] and saved["holdout_last_targets"] == 0
+    assert load_checkpoint(full_file, map_location="cpu")["config"]["holdout_last_targets"] == 0  # scores valid/test
+    config, train, _, test = _prepared("AlignLLMRec", data_path, name, cross_fit_folds=2, **llm)
+    assert cost.extra["train_samples"] == len(train._dataset)  # every training target is an honest sample
+    from recbole_llmalign.data.sampling import user_folds
+
+    folds = torch.from_numpy(user_folds(train._dataset, 2))
+    assert scored and {fold for fold, _ in scored} == {0, 1}
+    for fold, users in scored:  # each sample scored by the fold backbone trained without its user
+        assert (folds[users] == fold).all()
+    assert sum(len(users) for _, users in scored) == len(train._dataset)
+
+    model = get_model("AlignLLMRec")(_prepared("AlignLLMRec", data_path, name, backbone_checkpoint=str(full_file),
+                                               cross_fit_backbone_checkpoints=[str(p) for p in fold_files], **llm)[0],
+                                     train._dataset)
+    model.train()
+    with pytest.raises(RuntimeError, match="must go through cross_fitted"):
+        _ = model.backbone
+    model.eval()  # evaluation: the backbone trained on every user; the zero head ranks exactly as it does
+    assert model.backbone is model.fit_backbone
+    batch = next(iter(test))[0]
+    with torch.no_grad():
+        assert torch.allclose(model.full_sort_predict(batch), model.fit_backbone.full_sort_predict(batch), atol=1e-5)
+        assert not torch.allclose(model.fit_backbone.full_sort_predict(batch),
+                                  model.fold_backbones[0].full_sort_predict(batch), atol=1e-3)
+    assert not any(k.startswith("fold_backbones.") for k in model.state_dict())  # frozen: not in checkpoints
+
+    def build(**overrides):
+        config = _prepared("AlignLLMRec", data_path, name, **{**llm, **overrides})[0]
+        return get_model(config["model"])(config, train._dataset)
+
+    with pytest.raises(ValueError, match="entry i of K must leave out fold i of K"):
+        build(backbone_checkpoint=str(full_file), cross_fit_backbone_checkpoints=[str(p) for p in reversed(fold_files)])
+    with pytest.raises(ValueError, match="nothing to refit"):  # cross-fitting evaluates with a backbone that fit everything
+        build(backbone_checkpoint=str(full_file), cross_fit_backbone_checkpoints=[str(p) for p in fold_files],
+              refit_backbone_checkpoint=str(full_file))
+    with pytest.raises(ValueError, match="AlignGenRec does not train with cross-fitting"):
+        config = _prepared("AlignGenRec", data_path, name, backbone_checkpoint=str(full_file),
+                           cross_fit_backbone_checkpoints=[str(p) for p in fold_files], **llm)[0]
+        get_model("AlignGenRec")(config, train._dataset)
+    with pytest.raises(ValueError, match="cross_fit_folds must be 0"):
+        run_with_cost("AlignLLMRec", name, config_dict=cyclic_config(data_path, item_text_fields=["title", "genre"],
+                                                                     cross_fit_folds=1, **llm))
+    with pytest.raises(ValueError, match="nothing to refit"):
+        run_with_cost("AlignLLMRec", name, config_dict=cyclic_config(data_path, item_text_fields=["title", "genre"],
+                                                                     cross_fit_folds=2, backbone_refit_epochs=2, **llm))
+    with pytest.raises(ValueError, match="train them yourself"):
+        run_with_cost("AlignLLMRec", name, config_dict=cyclic_config(data_path, item_text_fields=["title", "genre"],
+                                                                     cross_fit_folds=2, backbone_checkpoint=str(full_file), **llm))
