@@ -66,6 +66,11 @@ LEVERS = [
     # the holdout backbone continued on every training target (5 epochs at most) ranks valid/test under the LLM's residual
     ("AlignLLMRec:refit_5", "AlignLLMRec", "refit_5", {"backbone_refit_epochs": 5}),
     ("AlignLLMRec:no_llm_refit_5", "AlignLLMRec", "no_llm_refit_5", {"backbone_refit_epochs": 5, "prompt_reader": "mlp"}),
+    # cross-fitting: two fold backbones, each without half the users; every training target is an honest sample, a fresh
+    # draw of train_sample_budget (0.1) of them each epoch (amazon-office: as many per epoch as the default's held-out ones)
+    ("AlignLLMRec:cross_fit_2", "AlignLLMRec", "cross_fit_2", {"cross_fit_folds": 2, "resample_each_epoch": True}),
+    ("AlignLLMRec:no_llm_cross_fit_2", "AlignLLMRec", "no_llm_cross_fit_2",
+     {"cross_fit_folds": 2, "resample_each_epoch": True, "prompt_reader": "mlp"}),
     ("AlignLLMRec:llm_items", "AlignLLMRec", "llm_items", {"llm_item_scoring": True}),
     ("AlignLLMRec:no_llm_items", "AlignLLMRec", "no_llm_items", {"llm_item_scoring": True, "prompt_reader": "mlp"}),
     ("AlignLLMRec:lr_1e-3", "AlignLLMRec", "lr_1e-3", {"learning_rate": 0.001}),
