@@ -80,7 +80,7 @@ def test_history_tokens_of_unseen_items_carry_the_id_rows_their_backbone_scores_
     backbone = model.backbone
     unseen = torch.tensor([3, 7])
     backbone.unseen_items, backbone.unseen_item_mask[unseen] = "text", True
-    backbone._eval_table, model._item_side = None, None
+    backbone._eval_table, model._item_side = None, {}
     side = model.item_side()
     raw = backbone.item_embedding.weight.detach()
     trained = ~backbone.unseen_item_mask
