@@ -193,7 +193,8 @@ def backbone_settings_and_key(config: Any, backbone_model: str) -> tuple[dict[st
     # Keys the LLM model's own YAML files set (not the plugin-wide overall.yaml): a user setting
     # one means the LLM training (--eval_step=3 for 3 LLM epochs), not the backbone's.
     llm_schedule = {k for k, (_, where) in own.plugin_defaults.items() if Path(where).name != "overall.yaml"}
-    shared = {k: v for k, v in config.external_config_dict.items() if k not in own_keys | llm_schedule | {"model"}}
+    shared = {k: v for k, v in config.external_config_dict.items()
+              if k not in own_keys | llm_schedule | {"model", "exclude_user_fold"}}  # folds: cross_fit_folds' own backbones
     shared.update(data_path=str(Path(config["data_path"]).parent), epochs=int(config["backbone_epochs"]), show_progress=False)
     holdout = stacking_holdout(config)
     if holdout:  # stacking (a YAML default, so not among the user's own keys): the backbone holds the same targets out
@@ -215,6 +216,9 @@ def ensure_backbone(config: Any, config_file_list: list[str] | None = None) -> N
     if backbone_model is None:
         return
     folds = cross_fit_folds(config)
+    if folds and not getattr(model_class, "supports_cross_fitting", False):  # before any backbone trains
+        raise ValueError(f"{config['model']} does not train with cross-fitting fold backbones; set cross_fit_folds to 0 "
+                         "(AlignLLMRec has it).")
     if folds and int(config["backbone_refit_epochs"] or 0) > 0:
         raise ValueError("cross_fit_folds evaluates with a backbone trained on every user and target, so there is nothing "
                          "to refit: set backbone_refit_epochs to 0 (or cross_fit_folds to 0).")
@@ -253,9 +257,14 @@ def _train_and_cache(backbone_model: str, config: Any, config_file_list: list[st
     """Train ``backbone_model`` with ``settings`` and copy its best checkpoint to ``target`` atomically."""
     import shutil
 
-    # show_progress stays out of the cache keys (it changes no weights): the bar follows this run
-    _, cost = run_with_cost(backbone_model, config["dataset"], config_file_list,
-                            {**settings, "show_progress": config["show_progress"]}, saved=True)
+    # show_progress stays out of the cache keys (it changes no weights): the bar follows this run. RecBole's Config
+    # reads --key=value from the command line over config_dict: the LLM run's flags (--epochs=3) must not train it.
+    argv, sys.argv = sys.argv, sys.argv[:1]
+    try:
+        _, cost = run_with_cost(backbone_model, config["dataset"], config_file_list,
+                                {**settings, "show_progress": config["show_progress"]}, saved=True)
+    finally:
+        sys.argv = argv
     atomic_write_with(target, lambda temp: shutil.copyfile(cost.checkpoint, temp))
     init_logger(config)  # the backbone run replaced the log handlers
 
@@ -657,6 +666,9 @@ def load_data_and_model(model_file: str | Path, trust: bool = False) -> tuple[An
         raise FileNotFoundError(f"Checkpoint {model_file} does not exist; pass a file from the run's checkpoint_dir (default saved/).")
     checkpoint = load_checkpoint(model_file, map_location="cpu", trust=trust)
     config = upgrade_config(checkpoint["config"])  # checkpoints from earlier versions
+    if "cross_fit_backbone_checkpoints" in config:  # training-only backbones: a trained model never reads them
+        config["cross_fit_backbone_checkpoints"] = None
+        config["cross_fit_folds"] = 0
     if not torch.cuda.is_available():
         config["device"] = torch.device("cpu")
     init_seed(config["seed"], config["reproducibility"])

@@ -27,7 +27,9 @@ the first is the primary one and its rows keep the names above, so readers of on
 need no change; every further reference ``<R>`` adds the same rows, with the same settings and
 splits, named ``ndcg@10_diff_vs_<R>``, ``ndcg@10_diff_lo_vs_<R>`` and ``ndcg@10_diff_hi_vs_<R>``
 (``<R>`` as given, e.g. ``AlignSASRec:id_only``); the reference's own model has none of its rows.
-Readers tell all these rows from model metrics with ``is_diff_metric``.
+Readers tell all these rows from model metrics with ``is_diff_metric``. One more row, metric
+``primary_reference`` (value 1, split ``test``, under the primary reference's ``mean`` setting, or its
+own without seeds), names the reference the unmarked rows are against.
 """
 
 from __future__ import annotations
@@ -54,6 +56,9 @@ RESULT_SPLITS = (("valid", "best_valid_result"), ("test", "test_result"), ("test
                  ("test_backbone_new", "backbone_test_new_result"))
 BACKBONE_SLICES = (("test_cold_result", "backbone_test_cold_result", "cold"), ("test_new_result", "backbone_test_new_result", "new"))
 AGGREGATES = ("mean", "std")
+# a row (split test, value 1) naming the primary reference of a file's bootstrap rows, under its aggregate (or own)
+# setting, so a resumed comparison knows what the earlier primary rows were measured against
+PRIMARY_REFERENCE_METRIC = "primary_reference"
 DIFF_SUFFIXES = ("_diff", "_diff_lo", "_diff_hi")
 SIGNIFICANCE_SPLITS = ("test", "test_cold", "test_new")
 _DIFF_METRIC = re.compile(r"(.+?)(_diff(?:_lo|_hi)?)(?:_vs_(.+))?")  # the first "_diff" ends the metric: R may hold one
@@ -285,6 +290,11 @@ def write_comparison(records: list[dict[str, Any]], dataset: str, output_dir: Pa
                     for row in significance_rows(records, dataset, ref, Path(per_user_dir), secondary=index > 0)]
     computed = {tuple(row[1:5]) for row in significance}
     significance += [[*row[:-1], float(row[-1])] for row in kept_significance or [] if tuple(row[1:5]) not in computed]
+    if references:  # the marker of what the unmarked (primary) bootstrap rows are against
+        ref_model, ref_setting = _reference_key(references[0])
+        if any((r["model"], r.get("setting", "default")) == (ref_model, ref_setting) for r in records):
+            significance.append([dataset, ref_model, setting_label(ref_setting, "mean" if seeded else None), "test",
+                                 PRIMARY_REFERENCE_METRIC, 1.0])
     rows += significance
     write_csv(rows, output_dir / f"{name}.csv")
     if seeded:
@@ -323,7 +333,7 @@ def records_from_rows(rows: Iterable[Any], aggregate: str | None = None) -> list
         setting, kind = parse_setting_label(row["setting"])
         if (kind in AGGREGATES) != (aggregate is not None) or (aggregate is not None and kind != aggregate):
             continue
-        if is_diff_metric(row["metric"]):
+        if is_diff_metric(row["metric"]) or row["metric"] == PRIMARY_REFERENCE_METRIC:
             continue
         seed = int(kind.removeprefix("seed_")) if kind and kind.startswith("seed_") else None
         record = records.setdefault((row["model"], setting, seed), {
@@ -491,15 +501,18 @@ def kept_significance_rows(earlier_rows: Iterable[Any], references: str | list[s
     comparison without them and could not recompute any bootstrap row of the runs it keeps. A row is
     kept when its model's (model, setting) and its reference are both in ``unchanged`` (no run of
     theirs trained in this call) and its reference is still one of ``references``; it is renamed when
-    that reference moved between primary and further. The earlier primary reference is read from the
-    file: the one (model, setting) with runs but no primary bootstrap row (none kept when that is not
-    exactly one). ``earlier_rows``: CSV rows (dicts or lists); returns CSV rows as lists.
+    that reference moved between primary and further. The earlier primary reference is the file's
+    ``primary_reference`` row; in files from before it, the one (model, setting) with runs but no
+    primary bootstrap row (none kept when that is not exactly one). ``earlier_rows``: CSV rows (dicts
+    or lists); returns CSV rows as lists.
     """
     rows = _row_dicts(earlier_rows)
-    runs = {(row["model"], parse_setting_label(row["setting"])[0]) for row in rows if not is_diff_metric(row["metric"])}
+    marked = {(row["model"], parse_setting_label(row["setting"])[0]) for row in rows if row["metric"] == PRIMARY_REFERENCE_METRIC}
+    runs = {(row["model"], parse_setting_label(row["setting"])[0]) for row in rows
+            if not is_diff_metric(row["metric"]) and row["metric"] != PRIMARY_REFERENCE_METRIC}
     with_primary_rows = {(row["model"], parse_setting_label(row["setting"])[0]) for row in rows
                          if (split_diff_metric(row["metric"]) or ("", "", ""))[2] is None}
-    candidates = runs - with_primary_rows
+    candidates = marked or (runs - with_primary_rows)
     earlier_primary = next(iter(candidates)) if with_primary_rows and len(candidates) == 1 else None
     now = {_reference_key(ref): (index, ref) for index, ref in enumerate(parse_references(references))}
     kept: list[list[Any]] = []

@@ -105,8 +105,10 @@ def test_cross_fitted_training_reads_for_each_sample_the_backbone_that_never_saw
     assert sum(len(users) for _, users in scored) == len(train._dataset)
 
     model = get_model("AlignLLMRec")(_prepared("AlignLLMRec", data_path, name, backbone_checkpoint=str(full_file),
-                                               cross_fit_backbone_checkpoints=[str(p) for p in fold_files], **llm)[0],
+                                               cross_fit_folds=2, **llm,  # a comma string, as the command line gives it
+                                               cross_fit_backbone_checkpoints=",".join(str(p) for p in fold_files))[0],
                                      train._dataset)
+    assert len(model.fold_backbones) == 2
     model.train()
     with pytest.raises(RuntimeError, match="must go through cross_fitted"):
         _ = model.backbone
@@ -120,8 +122,15 @@ def test_cross_fitted_training_reads_for_each_sample_the_backbone_that_never_saw
     assert not any(k.startswith("fold_backbones.") for k in model.state_dict())  # frozen: not in checkpoints
 
     def build(**overrides):
-        config = _prepared("AlignLLMRec", data_path, name, **{**llm, **overrides})[0]
+        config = _prepared("AlignLLMRec", data_path, name, **{**llm, "cross_fit_folds": 2, **overrides})[0]
         return get_model(config["model"])(config, train._dataset)
+
+    with pytest.raises(ValueError, match="cross_fit_folds is 3 but cross_fit_backbone_checkpoints lists 2"):
+        build(backbone_checkpoint=str(full_file), cross_fit_backbone_checkpoints=[str(p) for p in fold_files], cross_fit_folds=3)
+    with pytest.raises(ValueError, match="leaves out user fold"):  # the evaluation backbone must have seen every user
+        build(backbone_checkpoint=str(fold_files[0]), cross_fit_backbone_checkpoints=[str(p) for p in fold_files])
+    with pytest.raises(FileNotFoundError, match=r"cross_fit_backbone_checkpoints\[1\] .* does not exist"):
+        build(backbone_checkpoint=str(full_file), cross_fit_backbone_checkpoints=[str(fold_files[0]), "missing.pth"])
 
     with pytest.raises(ValueError, match="entry i of K must leave out fold i of K"):
         build(backbone_checkpoint=str(full_file), cross_fit_backbone_checkpoints=[str(p) for p in reversed(fold_files)])
@@ -129,7 +138,7 @@ def test_cross_fitted_training_reads_for_each_sample_the_backbone_that_never_saw
         build(backbone_checkpoint=str(full_file), cross_fit_backbone_checkpoints=[str(p) for p in fold_files],
               refit_backbone_checkpoint=str(full_file))
     with pytest.raises(ValueError, match="AlignGenRec does not train with cross-fitting"):
-        config = _prepared("AlignGenRec", data_path, name, backbone_checkpoint=str(full_file),
+        config = _prepared("AlignGenRec", data_path, name, backbone_checkpoint=str(full_file), cross_fit_folds=2,
                            cross_fit_backbone_checkpoints=[str(p) for p in fold_files], **llm)[0]
         get_model("AlignGenRec")(config, train._dataset)
     with pytest.raises(ValueError, match="cross_fit_folds must be 0"):
@@ -141,3 +150,26 @@ def test_cross_fitted_training_reads_for_each_sample_the_backbone_that_never_saw
     with pytest.raises(ValueError, match="train them yourself"):
         run_with_cost("AlignLLMRec", name, config_dict=cyclic_config(data_path, item_text_fields=["title", "genre"],
                                                                      cross_fit_folds=2, backbone_checkpoint=str(full_file), **llm))
+
+
+def test_a_cross_fitted_checkpoint_loads_without_its_fold_backbones(cyclic_dataset, tiny_llama_dir):
+    from recbole_llmalign.quick_start import load_data_and_model, run_with_cost
+
+    data_path, name = cyclic_dataset
+    _, cost = run_with_cost("AlignLLMRec", name, config_dict=cyclic_config(
+        data_path, item_text_fields=["title", "genre"], llm_path=str(tiny_llama_dir), llm_layers=1, train_batch_size=64,
+        backbone_epochs=1, denoise_samples=False, epochs=1, cross_fit_folds=2))
+    for path in Path("saved/backbones").glob("*-fold*.pth"):  # another machine: only the model and its backbone
+        path.unlink()
+    _, model, *_ = load_data_and_model(cost.checkpoint)
+    assert model.fold_backbones is None and model.backbone is model.fit_backbone
+
+
+def test_cross_fitting_is_refused_before_any_backbone_trains_for_a_model_without_it(cyclic_dataset, tiny_llama_dir):
+    from recbole_llmalign.quick_start import run_with_cost
+
+    data_path, name = cyclic_dataset
+    with pytest.raises(ValueError, match="AlignGenRec does not train with cross-fitting"):
+        run_with_cost("AlignGenRec", name, config_dict=cyclic_config(
+            data_path, item_text_fields=["title", "genre"], llm_path=str(tiny_llama_dir), llm_layers=1, cross_fit_folds=2))
+    assert not Path("saved/backbones").exists()

@@ -430,10 +430,15 @@ def test_bootstrap_rows_survive_lost_per_user_files_until_their_runs_train_again
     lines = resumed("SASRec,AlignSASRec:id_only", everything - {("SASRec", "default")})
     assert [line for line in lines if "_diff" in line] and all("_vs_AlignSASRec:id_only" in line for line in lines if "_diff" in line)
     assert not any("_diff" in line for line in resumed("SASRecF", everything))  # never a reference before: nothing to keep
-    # an earlier file whose primary reference cannot be told (two runs without primary rows) keeps no primary row
+    # the file names its primary reference, so a run left without primary rows (retrained elsewhere) cannot make it
+    # ambiguous; a file from before that row, where two runs have none, keeps no primary row
+    assert "toy,SASRec,mean,test,primary_reference,1" in (tmp_path / "before" / "cmp.csv").read_text().splitlines()
     ambiguous = [row for row in before if not (row["model"] == "SASRecF" and "_diff" in row["metric"] and "_vs_" not in row["metric"])]
+    kept = report.kept_significance_rows(ambiguous, "SASRec,AlignSASRec:id_only", everything)
+    assert any(row[1] == "AlignSASRec" and report.split_diff_metric(row[4])[2] is None for row in kept)
+    unmarked = [row for row in ambiguous if row["metric"] != report.PRIMARY_REFERENCE_METRIC]
     assert not any(report.split_diff_metric(row[4])[2] is None
-                   for row in report.kept_significance_rows(ambiguous, "SASRec,AlignSASRec:id_only", everything))
+                   for row in report.kept_significance_rows(unmarked, "SASRec,AlignSASRec:id_only", everything))
 
 
 def test_compare_runs_every_seed_writes_aggregates_and_bootstrap_and_resumes(cyclic_dataset, tmp_path):

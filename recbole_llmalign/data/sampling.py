@@ -104,10 +104,12 @@ def parse_user_fold(value: Any) -> tuple[int, int] | None:
     if value is None or value == "":
         return None
     found = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", value) if isinstance(value, str) else None
-    parts = (found.group(1), found.group(2)) if found else value
+    parts = (int(found.group(1)), int(found.group(2))) if found else value
     try:
-        index, count = (int(part) for part in parts)
+        index, count = parts
     except (TypeError, ValueError):
+        index, count = -1, 0
+    if not all(isinstance(part, int) and not isinstance(part, bool) for part in (index, count)):
         index, count = -1, 0
     if count < 2 or not 0 <= index < count:
         raise ValueError(f"exclude_user_fold must be [i, K] with K >= 2 and 0 <= i < K (the users of fold i of K are left "

@@ -28,13 +28,13 @@ from recbole.model.abstract_recommender import SequentialRecommender
 from torch import nn
 
 from recbole_llmalign.data.item_text import item_texts
-from recbole_llmalign.data.sampling import user_folds
+from recbole_llmalign.data.sampling import parse_user_fold, user_folds
 from recbole_llmalign.devices import HOST, llm_autocast
 from recbole_llmalign.llm.loader import load_causal_lm
 
 
 def load_backbone(checkpoint_path: str | None, dataset: Any, model_name: str = "This model",
-                  trust: bool = False) -> tuple[nn.Module, Any]:
+                  trust: bool = False, key: str = "backbone_checkpoint") -> tuple[nn.Module, Any]:
     """(a trained AlignSASRec from its RecBole checkpoint, frozen and checked against ``dataset``; its config)."""
     from recbole_llmalign.compat import load_checkpoint
     from recbole_llmalign.model.align_sasrec import AlignSASRec
@@ -45,7 +45,7 @@ def load_backbone(checkpoint_path: str | None, dataset: Any, model_name: str = "
             "one) or pass --backbone_checkpoint=saved/AlignSASRec-<time>.pth from `--model=AlignSASRec` on the same dataset."
         )
     if not Path(checkpoint_path).is_file():
-        raise FileNotFoundError(f"backbone_checkpoint {checkpoint_path} does not exist; point it at an AlignSASRec .pth file.")
+        raise FileNotFoundError(f"{key} {checkpoint_path} does not exist; point it at an AlignSASRec .pth file.")
     checkpoint = load_checkpoint(checkpoint_path, map_location="cpu", trust=trust)
     backbone_config = checkpoint["config"]
     if "init_checkpoint" in backbone_config:  # a refit's warm start: its weights are all in this file already
@@ -64,6 +64,18 @@ def load_backbone(checkpoint_path: str | None, dataset: Any, model_name: str = "
     return backbone.eval(), backbone_config
 
 
+def checkpoint_list(value: Any) -> list[str]:
+    """A list-of-paths key (``cross_fit_backbone_checkpoints``) from YAML or the command line: a list, or a string
+    of comma-separated paths (brackets and quotes allowed, as ``--key=[a.pth,b.pth]`` arrives); [] when unset."""
+    if value is None or value == "":
+        return []
+    if isinstance(value, str):
+        return [part.strip().strip("'\"") for part in value.strip().strip("[]").split(",") if part.strip().strip("'\"")]
+    if not all(isinstance(part, (str, Path)) for part in value):
+        raise ValueError(f"expected a list of checkpoint paths, got {value!r}.")
+    return [str(part) for part in value]
+
+
 class FrozenBackboneLLMRecommender(SequentialRecommender):
     """Frozen AlignSASRec + frozen decoder-only LLM (LoRA optional); subclasses add what they train."""
 
@@ -79,6 +91,7 @@ class FrozenBackboneLLMRecommender(SequentialRecommender):
         super().__init__(config, dataset)
         trust = bool(config["trust_checkpoint"])
         self.fit_backbone, backbone_config = load_backbone(config["backbone_checkpoint"], dataset, type(self).__name__, trust)
+        self.fit_backbone_config = backbone_config
         # last training targets per user the backbone never fit (stacking checks it against its own)
         self.backbone_holdout = int(backbone_config["holdout_last_targets"] or 0)  # ~ in checkpoints older than the key
         self.refit_backbone: nn.Module | None = None
@@ -89,8 +102,14 @@ class FrozenBackboneLLMRecommender(SequentialRecommender):
             self.refit_backbone = self._load_refit_backbone(config["refit_backbone_checkpoint"], dataset, trust)
         self.fold_backbones: nn.ModuleList | None = None
         self.active_fold: int | None = None  # the fold whose samples a cross-fitted training step is scoring
-        if config["cross_fit_backbone_checkpoints"]:  # AlignLLMRec's cross_fit_folds (quick_start trains them)
-            self.fold_backbones = self._load_fold_backbones(list(config["cross_fit_backbone_checkpoints"]), dataset, trust)
+        fold_paths = checkpoint_list(config["cross_fit_backbone_checkpoints"])
+        folds = int(config["cross_fit_folds"] or 0)  # the one switch: the list must match it
+        if fold_paths or folds:
+            if len(fold_paths) != folds:
+                raise ValueError(f"cross_fit_folds is {folds} but cross_fit_backbone_checkpoints lists {len(fold_paths)} "
+                                 "backbones: give one per fold (run through run_recbole_llmalign to have them trained), or "
+                                 "set cross_fit_folds to 0 and unset the list.")
+            self.fold_backbones = self._load_fold_backbones(fold_paths, dataset, trust)
             self.register_buffer("user_fold", torch.from_numpy(user_folds(dataset, len(self.fold_backbones))), persistent=False)
         self.lora = int(config["lora_r"]) > 0
         # whether LLM weights change in training (LoRA adapters, or every weight with llm_init: scratch)
@@ -130,8 +149,6 @@ class FrozenBackboneLLMRecommender(SequentialRecommender):
     def _load_fold_backbones(self, paths: list[str], dataset: Any, trust: bool) -> nn.ModuleList:
         """The cross-fitting backbones: the i-th trained without the users of fold i of K (``exclude_user_fold``),
         every fold exactly once, on every target of the other users, with the evaluation backbone's sizes."""
-        from recbole_llmalign.data.sampling import parse_user_fold
-
         if not self.supports_cross_fitting:
             raise ValueError(f"{type(self).__name__} does not train with cross-fitting fold backbones; unset "
                              "cross_fit_backbone_checkpoints / cross_fit_folds (AlignLLMRec has them).")
@@ -139,12 +156,14 @@ class FrozenBackboneLLMRecommender(SequentialRecommender):
             raise ValueError("cross_fit_backbone_checkpoints and refit_backbone_checkpoint both set: cross-fitting evaluates "
                              "with backbone_checkpoint (trained on every user and target), so there is nothing to refit; "
                              "unset one of them (backbone_refit_epochs 0 with cross_fit_folds).")
-        if self.backbone_holdout:
+        if self.backbone_holdout or parse_user_fold(self.fit_backbone_config["exclude_user_fold"]):
             raise ValueError(f"cross-fitting evaluates with backbone_checkpoint, which holds out {self.backbone_holdout} "
-                             "targets per user: pass one trained on every target (holdout_last_targets 0).")
+                             f"targets per user and leaves out user fold {self.fit_backbone_config['exclude_user_fold']}: "
+                             "pass one trained on every user and target (holdout_last_targets 0, exclude_user_fold ~).")
         backbones = []
         for index, path in enumerate(paths):
-            backbone, backbone_config = load_backbone(path, dataset, type(self).__name__, trust)
+            backbone, backbone_config = load_backbone(path, dataset, type(self).__name__, trust,
+                                                      key=f"cross_fit_backbone_checkpoints[{index}]")
             fold = parse_user_fold(backbone_config["exclude_user_fold"])
             if fold != (index, len(paths)) or int(backbone_config["holdout_last_targets"] or 0):
                 raise ValueError(f"cross_fit_backbone_checkpoints[{index}] ({path}) was trained with exclude_user_fold="
