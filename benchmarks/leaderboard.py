@@ -147,6 +147,9 @@ def field_use(name: str, config_files: list[str] | None, data_config: dict[str, 
         "AlignLLMRec:refit_5": "backbone_refit_epochs 5: trained on the holdout backbone, evaluated with it continued on every "
                                "training target (own backbone = that refit)",
         "AlignLLMRec:no_llm_refit_5": "no_llm, backbone_refit_epochs 5",
+        "AlignLLMRec:cross_fit_2": "cross_fit_folds 2: every training target a sample, scored by the fold backbone that never "
+                                   "saw its user (a fresh 0.1 draw each epoch); evaluated with the backbone trained on every user",
+        "AlignLLMRec:no_llm_cross_fit_2": "no_llm, cross_fit_folds 2",
         "AlignLLMRec:llm_items": "+ llm_item_scoring: the LLM's vector of each item's title in the score",
         "AlignLLMRec:no_llm_items": "no_llm + llm_item_scoring (the titles' input embeddings, no LLM layers)",
         "AlignLLMRec:lr_1e-3": "learning_rate 1e-3 (default 1e-4)",
