@@ -294,6 +294,7 @@ def ensure_refit_backbone(config: Any, config_file_list: list[str] | None, backb
     digest = hashlib.sha256(source.read_bytes()).hexdigest()[:16]
     settings = {**shared, "holdout_last_targets": 0, "epochs": epochs, "init_checkpoint": str(source)}
     key = config_key({"dataset": config["dataset"], "init_sha256": digest, "backbone_key": backbone_key,
+                      "start_validated": True,  # refits from before the warm start was validated first are not reused
                       **{k: v for k, v in settings.items() if k != "init_checkpoint"}})
     target = Path(config["checkpoint_dir"]) / "backbones" / f"{backbone_model}-{config['dataset']}-refit-{key}.pth"
     if not target.is_file():

@@ -226,7 +226,9 @@ def cross_fit_folds(config: Any) -> int:
 
 
 class AlignSASRecTrainer(RunControlsMixin, HistoryExclusionMixin, Trainer):
-    """RecBole's Trainer; in ``all_positions`` mode it trains on one window per user span."""
+    """RecBole's Trainer; in ``all_positions`` mode it trains on one window per user span. A warm start
+    (``init_checkpoint``) is validated before its first epoch and is the best so far, so continuing it
+    (AlignLLMRec's backbone refit) can never end below where it started on valid."""
 
     def fit(self, train_data: Any, valid_data: Any = None, *args: Any, **kwargs: Any) -> Any:
         holdout = int(self.config["holdout_last_targets"])
@@ -241,6 +243,13 @@ class AlignSASRecTrainer(RunControlsMixin, HistoryExclusionMixin, Trainer):
             users = train_data._dataset.inter_feat[train_data._dataset.uid_field].numpy()
             keep = (distance_to_user_end(users) >= holdout) & (True if outside is None else outside)
             train_data = subset_loader(self.config, train_data, np.flatnonzero(keep), int(self.config["train_batch_size"]))
+        if self.config["init_checkpoint"] and valid_data is not None:
+            score, result = self._valid_epoch(valid_data, show_progress=bool(kwargs.get("show_progress", False)))
+            self.best_valid_score, self.best_valid_result = score, result
+            self.logger.info(f"init_checkpoint: the warm start scores valid {self.config['valid_metric']} = {score:.4f} "
+                             "before training; an epoch must reach it to replace it.")
+            if kwargs.get("saved", True):
+                self._save_checkpoint(-1, verbose=False)
         return super().fit(train_data, valid_data, *args, **kwargs)
 
     def _all_positions_loader(self, train_data: Any, holdout: int = 0, outside: np.ndarray | None = None) -> Any:

@@ -39,6 +39,22 @@ def test_init_checkpoint_starts_from_every_weight_of_the_checkpoint_and_refuses_
         _sasrec(data_path, name, init_checkpoint=str(Path(checkpoint).with_name("missing.pth")))
 
 
+def test_a_warm_start_is_validated_first_so_a_worse_continuation_keeps_it(trained_backbone):
+    from recbole_llmalign.compat import load_checkpoint
+    from recbole_llmalign.quick_start import run_with_cost
+
+    data_path, name, checkpoint = trained_backbone
+    start = load_checkpoint(checkpoint, map_location="cpu")["state_dict"]
+    # a step size that wrecks the model in one epoch: the warm start stays the best, and is what the run returns
+    result, cost = run_with_cost("AlignSASRec", name, config_dict=cyclic_config(
+        data_path, item_text_fields=["title", "genre"], init_checkpoint=checkpoint, epochs=1, learning_rate=50.0))
+    kept = load_checkpoint(cost.checkpoint, map_location="cpu")["state_dict"]
+    assert all(torch.equal(kept[k], v) for k, v in start.items())
+    again, _ = run_with_cost("AlignSASRec", name, config_dict=cyclic_config(data_path, item_text_fields=["title", "genre"],
+                                                                           epochs=1, learning_rate=50.0))
+    assert result["best_valid_score"] > again["best_valid_score"]  # a fresh start at that step size is worse
+
+
 def _llm_config(data_path: str, tiny_llama_dir: Path, **overrides) -> dict:
     return cyclic_config(data_path, item_text_fields=["title", "genre"], llm_path=str(tiny_llama_dir), llm_layers=1,
                          train_batch_size=64, backbone_epochs=2, denoise_samples=False, **overrides)
