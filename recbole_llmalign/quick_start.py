@@ -246,7 +246,7 @@ def ensure_backbone(config: Any, config_file_list: list[str] | None = None) -> N
     config["backbone_checkpoint"] = str(target)
     if folds and not config["cross_fit_backbone_checkpoints"]:
         config["cross_fit_backbone_checkpoints"] = [
-            str(ensure_fold_backbone(config, config_file_list, backbone_model, shared, (index, folds))) for index in range(folds)]
+            str(ensure_fold_backbone(config, config_file_list, backbone_model, shared, key, (index, folds))) for index in range(folds)]
     if refit_epochs > 0:
         config["refit_backbone_checkpoint"] = str(ensure_refit_backbone(config, config_file_list, backbone_model, shared,
                                                                         key, refit_epochs))
@@ -270,11 +270,11 @@ def _train_and_cache(backbone_model: str, config: Any, config_file_list: list[st
 
 
 def ensure_fold_backbone(config: Any, config_file_list: list[str] | None, backbone_model: str, shared: dict[str, Any],
-                         fold: tuple[int, int]) -> Path:
+                         backbone_key: str, fold: tuple[int, int]) -> Path:
     """Cross-fitting fold ``fold`` = (i, K): the automatic backbone's settings, trained without the users of fold i
     (``exclude_user_fold``), cached under its own key like the backbone."""
     settings = {**shared, "exclude_user_fold": list(fold)}
-    key = config_key({"dataset": config["dataset"], **settings, "fold_of": backbone_settings_and_key(config, backbone_model)[1]})
+    key = config_key({"dataset": config["dataset"], **settings, "fold_of": backbone_key})
     target = Path(config["checkpoint_dir"]) / "backbones" / f"{backbone_model}-{config['dataset']}-fold{fold[0]}of{fold[1]}-{key}.pth"
     if not target.is_file():
         getLogger().info(f"cross_fit_folds={fold[1]}: training {backbone_model} without fold {fold[0]}'s users -> {target}")
