@@ -571,7 +571,8 @@ def compare(
     ``resume``: runs already in ``<output_dir>/<name>.csv`` (same model, setting and seed) are not
     rerun but merged, as are that file's other runs, except the (model, setting) pairs in ``rerun``,
     which train again for this call's seeds (e.g. after a fix that changes them; their other seeds'
-    rows are kept, and a rerun that fails keeps its earlier row). A kept run's bootstrap rows are
+    rows are kept, and a rerun that fails keeps its earlier row; a rerun that reproduces every recorded
+    valid and test metric, ``report.reproduces``, counts as the same run). A kept run's bootstrap rows are
     recomputed from the per-user files, or, where those are gone (another machine, a fresh
     checkout), taken from the file while neither the run nor its reference trained again
     (``report.kept_significance_rows``). ``table``: keyword arguments for
@@ -637,7 +638,12 @@ def compare(
                 records.append(earlier[(model, setting, seed)])
             continue
         record = {"model": model, "setting": setting, "seed": seed, "result": result, "cost": cost}
-        trained.add((model, setting))
+        previous = earlier.get((model, setting, seed))
+        if previous is not None and report.reproduces(record, previous):  # e.g. rerun only to recreate per-user files
+            logging.getLogger(__name__).info(f"compare: {model} ({setting}, seed {seed}) reproduced its recorded valid and "
+                                             "test metrics; its earlier bootstrap rows still hold")
+        else:
+            trained.add((model, setting))
         if cost.get("per_user_file"):
             atomic_write_with(report.per_user_path(per_user_dir, model, setting, report.record_seed(record)),
                               lambda temp, source=cost["per_user_file"]: shutil.copyfile(source, temp))

@@ -149,6 +149,24 @@ def long_rows(record: dict[str, Any], dataset: str) -> list[list[Any]]:
     return rows
 
 
+def reproduces(new: dict[str, Any], earlier: dict[str, Any]) -> bool:
+    """Whether a run trained again gave every valid and test metric of its earlier record, to the results file's
+    precision (6 significant digits, as ``write_csv`` writes them).
+
+    Why: per-user metrics are not in git, so a fresh machine retrains a run only to recreate them; a
+    deterministic rerun (same code, config, seed and thread count) that reproduces the file describes the
+    same model, and the bootstrap rows measured on the earlier run still hold for it.
+    """
+    compared = 0
+    for _, key in RESULT_SPLITS:
+        after = new["result"].get(key) or {}
+        for metric, value in (earlier["result"].get(key) or {}).items():
+            if metric not in after or float(f"{float(after[metric]):.6g}") != float(f"{float(value):.6g}"):
+                return False
+            compared += 1
+    return compared > 0
+
+
 def write_csv(rows: Iterable[list[Any]], path: Path) -> None:
     lines = [",".join(CSV_HEADER)]
     for row in rows:

@@ -496,6 +496,21 @@ def test_compare_runs_every_seed_writes_aggregates_and_bootstrap_and_resumes(cyc
     written = {(r["model"], r["setting"]) for r in csv.DictReader(open(out / "seeded.csv", encoding="utf-8"))}
     assert {("Pop", "default/seed_2020"), ("Pop", "default/seed_2021")} <= written
     assert "Pop (default, seed 2020) failed" in (out / "seeded.md").read_text()
+    # per-user files lost, then a run retrained only to recreate them: a rerun that reproduces every recorded metric
+    # is the same run and keeps its bootstrap rows; one that changed (another config) loses them
+    compare(["Pop", "GRU4Rec"], name, config_dict=config, output_dir=out, name="seeded", seeds=[2020, 2021],
+            reference="Pop", per_user_dir=per_user, resume=True)  # a clean write after the failure above
+    with_rows = [line for line in (out / "seeded.csv").read_text().splitlines() if ",GRU4Rec," in line and "_diff" in line]
+    assert with_rows
+    for path in per_user.iterdir():
+        path.unlink()
+    compare(["Pop", "GRU4Rec"], name, config_dict=config, output_dir=out, name="seeded", seeds=[2020],
+            reference="Pop", per_user_dir=per_user, resume=True, rerun=[("GRU4Rec", "default")])
+    assert (per_user / "GRU4Rec__default__seed2020.csv").is_file()
+    assert [line for line in (out / "seeded.csv").read_text().splitlines() if ",GRU4Rec," in line and "_diff" in line] == with_rows
+    compare([("GRU4Rec", "default", {"learning_rate": 0.001})], name, config_dict=config, output_dir=out, name="seeded", seeds=[2020],
+            reference="Pop", per_user_dir=per_user, resume=True, rerun=[("GRU4Rec", "default")])
+    assert not any(",GRU4Rec," in line and "_diff" in line for line in (out / "seeded.csv").read_text().splitlines())
 
 
 def test_cli_passes_seeds_and_reference_to_compare(monkeypatch):
