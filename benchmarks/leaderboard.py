@@ -71,6 +71,12 @@ LEVERS = [
     ("AlignLLMRec:cross_fit_2", "AlignLLMRec", "cross_fit_2", {"cross_fit_folds": 2, "resample_each_epoch": True}),
     ("AlignLLMRec:no_llm_cross_fit_2", "AlignLLMRec", "no_llm_cross_fit_2",
      {"cross_fit_folds": 2, "resample_each_epoch": True, "prompt_reader": "mlp"}),
+    # cross-fitting evaluated as trained: each user ranked by the fold backbone that never saw them (5 folds: each
+    # fold backbone sees 80% of the users), so the LLM's inputs at evaluation come from the backbones it learned on
+    ("AlignLLMRec:cross_fit_5_folds", "AlignLLMRec", "cross_fit_5_folds",
+     {"cross_fit_folds": 5, "cross_fit_evaluation": "folds", "resample_each_epoch": True}),
+    ("AlignLLMRec:no_llm_cross_fit_5_folds", "AlignLLMRec", "no_llm_cross_fit_5_folds",
+     {"cross_fit_folds": 5, "cross_fit_evaluation": "folds", "resample_each_epoch": True, "prompt_reader": "mlp"}),
     ("AlignLLMRec:llm_items", "AlignLLMRec", "llm_items", {"llm_item_scoring": True}),
     ("AlignLLMRec:no_llm_items", "AlignLLMRec", "no_llm_items", {"llm_item_scoring": True, "prompt_reader": "mlp"}),
     ("AlignLLMRec:lr_1e-3", "AlignLLMRec", "lr_1e-3", {"learning_rate": 0.001}),
@@ -150,6 +156,10 @@ def field_use(name: str, config_files: list[str] | None, data_config: dict[str, 
         "AlignLLMRec:cross_fit_2": "cross_fit_folds 2: every training target a sample, scored by the fold backbone that never "
                                    "saw its user (a fresh 0.1 draw each epoch); evaluated with the backbone trained on every user",
         "AlignLLMRec:no_llm_cross_fit_2": "no_llm, cross_fit_folds 2",
+        "AlignLLMRec:cross_fit_5_folds": "cross_fit_folds 5 and cross_fit_evaluation folds: trained as cross_fit_2, and valid/"
+                                         "test rank each user with the fold backbone that never saw them (own backbone = those "
+                                         "5 fold backbones, each trained on 80% of the users)",
+        "AlignLLMRec:no_llm_cross_fit_5_folds": "no_llm, cross_fit_folds 5, cross_fit_evaluation folds",
         "AlignLLMRec:llm_items": "+ llm_item_scoring: the LLM's vector of each item's title in the score",
         "AlignLLMRec:no_llm_items": "no_llm + llm_item_scoring (the titles' input embeddings, no LLM layers)",
         "AlignLLMRec:lr_1e-3": "learning_rate 1e-3 (default 1e-4)",

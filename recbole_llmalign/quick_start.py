@@ -673,8 +673,8 @@ def load_data_and_model(model_file: str | Path, trust: bool = False) -> tuple[An
         raise FileNotFoundError(f"Checkpoint {model_file} does not exist; pass a file from the run's checkpoint_dir (default saved/).")
     checkpoint = load_checkpoint(model_file, map_location="cpu", trust=trust)
     config = upgrade_config(checkpoint["config"])  # checkpoints from earlier versions
-    if "cross_fit_backbone_checkpoints" in config:  # training-only backbones: a trained model never reads them
-        config["cross_fit_backbone_checkpoints"] = None
+    if "cross_fit_backbone_checkpoints" in config and (config["cross_fit_evaluation"] or "full") == "full":
+        config["cross_fit_backbone_checkpoints"] = None  # training-only backbones: this trained model never reads them
         config["cross_fit_folds"] = 0
     if not torch.cuda.is_available():
         config["device"] = torch.device("cpu")

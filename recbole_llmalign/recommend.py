@@ -138,6 +138,8 @@ def rank_items(model: Any, config: Any, dataset: Any, history: torch.Tensor, top
         item_seq = torch.zeros(1, int(config["MAX_ITEM_LIST_LENGTH"]), dtype=torch.long)
         item_seq[0, :len(window)] = window
         interaction = {model.ITEM_SEQ: item_seq, model.ITEM_SEQ_LEN: torch.tensor([len(window)])}
+        if internal_user is not None:  # a cross-fitted model (cross_fit_evaluation: folds) routes by user
+            interaction[model.USER_ID] = torch.tensor([internal_user])
     else:
         interaction = {dataset.uid_field: torch.tensor([internal_user])}
     with torch.no_grad():

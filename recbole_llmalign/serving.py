@@ -76,7 +76,9 @@ def precompute_topk(model_file: str | Path, output: str | Path, topk: int = 10, 
             else:
                 from recbole.data.interaction import Interaction
 
-                full = model.full_sort_predict(Interaction({model.ITEM_SEQ: seq, model.ITEM_SEQ_LEN: seq_len})).view(len(seq), -1)
+                user = torch.from_numpy(users[start:start + batch_size]).to(device)  # a cross-fitted model routes by user
+                full = model.full_sort_predict(Interaction({model.USER_ID: user, model.ITEM_SEQ: seq,
+                                                            model.ITEM_SEQ_LEN: seq_len})).view(len(seq), -1)
                 full[:, 0] = -torch.inf
                 scores, items = full.topk(topk, dim=1)
         all_items.append(items.cpu())

@@ -173,3 +173,57 @@ def test_cross_fitting_is_refused_before_any_backbone_trains_for_a_model_without
         run_with_cost("AlignGenRec", name, config_dict=cyclic_config(
             data_path, item_text_fields=["title", "genre"], llm_path=str(tiny_llama_dir), llm_layers=1, cross_fit_folds=2))
     assert not Path("saved/backbones").exists()
+
+
+def test_fold_evaluation_ranks_each_user_with_the_fold_backbone_that_never_saw_them(cyclic_dataset, tiny_llama_dir):
+    from recbole.data.interaction import Interaction
+
+    from recbole_llmalign.data.sampling import user_folds
+    from recbole_llmalign.model.abstract_recommender import FoldRoutedBackbone
+    from recbole_llmalign.quick_start import load_data_and_model, run_with_cost
+    from recbole_llmalign.utils import get_model
+
+    data_path, name = cyclic_dataset
+    llm = dict(llm_path=str(tiny_llama_dir), llm_layers=1, train_batch_size=64, backbone_epochs=2, denoise_samples=False,
+               epochs=1, cross_fit_folds=2)
+    result, cost = run_with_cost("AlignLLMRec", name, config_dict=cyclic_config(
+        data_path, item_text_fields=["title", "genre"], cross_fit_evaluation="folds", **llm))
+    files = sorted(Path("saved/backbones").glob("AlignSASRec-cyclic-*.pth"))
+    fold_files = [str(p) for p in files if "-fold" in p.name]
+    (full_file,) = [str(p) for p in files if "-fold" not in p.name]
+    config, train, _, test = _prepared("AlignLLMRec", data_path, name, **llm, backbone_checkpoint=full_file,
+                                       cross_fit_backbone_checkpoints=fold_files, cross_fit_evaluation="folds")
+    model = get_model("AlignLLMRec")(config, train._dataset).eval()  # zero head: ranks exactly as its backbone
+    folds = torch.from_numpy(user_folds(train._dataset, 2))
+    batch = next(iter(test))[0]
+    users = batch[model.USER_ID]
+    assert set(folds[users].tolist()) == {0, 1}
+    with torch.no_grad():
+        scores = model.full_sort_predict(batch)
+        routed = model.scoring_backbone
+        assert isinstance(routed, FoldRoutedBackbone)
+        assert torch.allclose(routed.full_sort_predict(batch), scores, atol=1e-5)
+        for fold in (0, 1):
+            rows = torch.nonzero(folds[users] == fold).squeeze(1)
+            assert torch.allclose(scores[rows], model.fold_backbones[fold].full_sort_predict(batch[rows]), atol=1e-5)
+        assert not torch.allclose(scores, model.fit_backbone.full_sort_predict(batch), atol=1e-3)  # not the full one
+        # a history without a known user (serving a new user): fold 0's backbone, which no user of it trained
+        anonymous = Interaction({model.ITEM_SEQ: batch[model.ITEM_SEQ], model.ITEM_SEQ_LEN: batch[model.ITEM_SEQ_LEN]})
+        assert torch.allclose(model.full_sort_predict(anonymous), model.fold_backbones[0].full_sort_predict(batch), atol=1e-5)
+    with pytest.raises(RuntimeError, match="must go through cross_fitted"):  # evaluation outside the routing
+        _ = model.backbone
+    assert "backbone_test_result" in result  # the run's own backbone is the routed fold backbones
+    _, loaded, *_ = load_data_and_model(cost.checkpoint)  # its checkpoint ranks with the folds again
+    assert loaded.routes_evaluation and len(loaded.fold_backbones) == 2
+    with torch.no_grad():
+        trained = loaded.full_sort_predict(batch)
+    assert trained.shape == scores.shape and torch.isfinite(trained).all()
+
+    def build(**overrides):
+        built = _prepared("AlignLLMRec", data_path, name, **{**llm, **overrides})[0]
+        return get_model("AlignLLMRec")(built, train._dataset)
+
+    with pytest.raises(ValueError, match="cross_fit_evaluation must be one of"):
+        build(backbone_checkpoint=full_file, cross_fit_backbone_checkpoints=fold_files, cross_fit_evaluation="both")
+    with pytest.raises(ValueError, match="and this model has none"):
+        build(backbone_checkpoint=full_file, cross_fit_folds=0, cross_fit_evaluation="folds")

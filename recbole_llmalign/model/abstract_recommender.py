@@ -7,7 +7,9 @@ AlignGenRec (as RecBole-GNN's ``GeneralGraphRecommender`` is for its graph model
   every training target) that evaluation reads instead (``backbone`` switches with the mode);
   with ``cross_fit_backbone_checkpoints`` (cross-fitting) K fold backbones, each trained without
   one fold of users, and training reads, for each sample, the one that never saw its user
-  (``cross_fitted``), while evaluation reads ``backbone_checkpoint`` (trained on every user);
+  (``cross_fitted``), while evaluation reads ``backbone_checkpoint`` (trained on every user), or,
+  with ``cross_fit_evaluation: folds``, the same fold backbones, each user's the one that never saw
+  them (``fold_routed``), so evaluation reads backbones exactly as training did;
 - the decoder-only LLM (cut to ``llm_layers``, LoRA adapters when ``lora_r > 0``) with its
   tokenizer, input embeddings, decoder stack and LM head, its base weights frozen, in the dtype
   ``llm_dtype`` resolves to for the run's device; ``llm_autocast()`` is the context every LLM
@@ -31,6 +33,47 @@ from recbole_llmalign.data.item_text import item_texts
 from recbole_llmalign.data.sampling import parse_user_fold, user_folds
 from recbole_llmalign.devices import HOST, llm_autocast
 from recbole_llmalign.llm.loader import load_causal_lm
+
+CROSS_FIT_EVALUATIONS = ("full", "folds")  # what ranks valid/test under cross-fitting (cross_fit_evaluation)
+
+
+class FoldRoutedBackbone(nn.Module):
+    """The cross-fitting fold backbones evaluated as one model: every user ranked by the fold backbone that
+    never saw them. Why: under ``cross_fit_evaluation: folds`` that is the backbone the LLM model ranks on,
+    so its "own backbone" figures (``evaluate_backbone``) come from it. Holds references only."""
+
+    def __init__(self, backbones: nn.ModuleList, user_fold: torch.Tensor, user_field: str) -> None:
+        super().__init__()
+        self.parts = tuple(backbones)  # a tuple, not submodules: the owning model registers them
+        self.user_fold, self.user_field = user_fold, user_field
+        self.hidden_size = self.parts[0].hidden_size
+
+    def train(self, mode: bool = True) -> FoldRoutedBackbone:
+        for part in self.parts:
+            part.train(mode)
+        return super().train(mode)
+
+    def full_sort_predict(self, interaction: Any) -> torch.Tensor:
+        return route_by_fold(interaction, self.user_fold[interaction[self.user_field]],
+                             lambda fold, rows: self.parts[fold].full_sort_predict(rows))
+
+    def predict(self, interaction: Any) -> torch.Tensor:
+        return route_by_fold(interaction, self.user_fold[interaction[self.user_field]],
+                             lambda fold, rows: self.parts[fold].predict(rows))
+
+
+def route_by_fold(interaction: Any, folds: torch.Tensor, score: Any) -> torch.Tensor:
+    """``score(fold, rows)`` for each fold's rows of ``interaction`` (``folds`` [B]: each row's fold), put
+    back in the input order: scores [B, ...]."""
+    out: torch.Tensor | None = None
+    for fold in folds.unique().tolist():
+        rows = torch.nonzero(folds == fold).squeeze(1)
+        part = score(int(fold), interaction[rows])
+        if out is None:
+            out = part.new_empty((len(folds), *part.shape[1:]))
+        out[rows] = part
+    assert out is not None, "route_by_fold: an empty batch"
+    return out
 
 
 def load_backbone(checkpoint_path: str | None, dataset: Any, model_name: str = "This model",
@@ -111,6 +154,12 @@ class FrozenBackboneLLMRecommender(SequentialRecommender):
                                  "set cross_fit_folds to 0 and unset the list.")
             self.fold_backbones = self._load_fold_backbones(fold_paths, dataset, trust)
             self.register_buffer("user_fold", torch.from_numpy(user_folds(dataset, len(self.fold_backbones))), persistent=False)
+        self.cross_fit_evaluation = str(config["cross_fit_evaluation"] or "full")
+        if self.cross_fit_evaluation not in CROSS_FIT_EVALUATIONS:
+            raise ValueError(f"cross_fit_evaluation must be one of {CROSS_FIT_EVALUATIONS}, got '{self.cross_fit_evaluation}'.")
+        if self.cross_fit_evaluation == "folds" and self.fold_backbones is None:
+            raise ValueError("cross_fit_evaluation: folds ranks valid/test with the cross-fitting fold backbones, and this "
+                             "model has none: set cross_fit_folds >= 2, or cross_fit_evaluation: full.")
         self.lora = int(config["lora_r"]) > 0
         # whether LLM weights change in training (LoRA adapters, or every weight with llm_init: scratch)
         self.llm_trained = self.lora or str(config["llm_init"] or "pretrained") == "scratch"
@@ -183,14 +232,39 @@ class FrozenBackboneLLMRecommender(SequentialRecommender):
         """The frozen AlignSASRec the model reads now: in training the one that never fit the stacking
         samples (``fit_backbone``; under cross-fitting the fold backbone of ``active_fold``), in
         evaluation ``scoring_backbone``."""
-        if not self.training:
+        if not self.training and not self.routes_evaluation:
             return self.scoring_backbone
         if self.fold_backbones is None:
             return self.fit_backbone
         if self.active_fold is None:
-            raise RuntimeError("cross-fitting: a training step must go through cross_fitted, which picks for each "
-                               "sample the fold backbone that never saw its user.")
+            raise RuntimeError("cross-fitting: a training step (and, with cross_fit_evaluation: folds, an evaluation "
+                               "step) must go through cross_fitted (fold_routed), which picks for each sample the fold "
+                               "backbone that never saw its user.")
         return self.fold_backbones[self.active_fold]
+
+    @property
+    def routes_evaluation(self) -> bool:
+        """Whether valid/test rank each user with the fold backbone that never saw them (cross_fit_evaluation: folds)."""
+        return self.fold_backbones is not None and self.cross_fit_evaluation == "folds"
+
+    def fold_routed(self, interaction: Any, score_of: Any) -> torch.Tensor:
+        """``score_of(interaction)`` in evaluation, under ``cross_fit_evaluation: folds`` computed per fold of
+        users with that fold's backbone (the one that never saw them), rows back in the input order."""
+        if not self.routes_evaluation or self.training:
+            return score_of(interaction)
+
+        def score(fold: int, rows: Any) -> torch.Tensor:
+            self.active_fold = fold
+            return score_of(rows)
+
+        if self.USER_ID in interaction:
+            folds = self.user_fold[interaction[self.USER_ID]]
+        else:  # a history without a known user (recommend, serving): unseen by every fold backbone, so fold 0's
+            folds = torch.zeros(len(interaction), dtype=torch.long, device=self.user_fold.device)
+        try:
+            return route_by_fold(interaction, folds, score)
+        finally:
+            self.active_fold = None
 
     def cross_fitted(self, interaction: Any, loss_of: Any) -> Any:
         """``loss_of(interaction)``, or under cross-fitting the mean over the batch of it computed per fold of
@@ -215,7 +289,9 @@ class FrozenBackboneLLMRecommender(SequentialRecommender):
     @property
     def scoring_backbone(self) -> nn.Module:
         """The backbone valid/test rank with: the refit one (every training target fit) when there is
-        one, else the fit backbone itself."""
+        one, the fold backbones routed by user under ``cross_fit_evaluation: folds``, else the fit backbone."""
+        if self.routes_evaluation:
+            return FoldRoutedBackbone(self.fold_backbones, self.user_fold, self.USER_ID)
         return self.refit_backbone if self.refit_backbone is not None else self.fit_backbone
 
     def micro_batch_starts(self, total: int, desc: str, step: int | None = None) -> Any:

@@ -340,6 +340,11 @@ class AlignLLMRec(FrozenBackboneLLMRecommender):
         return scores.gather(1, interaction[self.ITEM_ID].unsqueeze(1)).squeeze(1)
 
     def full_sort_predict(self, interaction: Any) -> torch.Tensor:
+        """Scores of every item; under ``cross_fit_evaluation: folds`` each user's with the fold backbone that
+        never saw them (``fold_routed``)."""
+        return self.fold_routed(interaction, self._full_sort_predict)
+
+    def _full_sort_predict(self, interaction: Any) -> torch.Tensor:
         """One LLM pass per user, in length-bucketed micro-batches of ``llm_micro_batch`` users.
 
         Users are sorted by prompt length so each micro-batch pads little, and scored under
