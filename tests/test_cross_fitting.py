@@ -175,7 +175,7 @@ def test_cross_fitting_is_refused_before_any_backbone_trains_for_a_model_without
     assert not Path("saved/backbones").exists()
 
 
-def test_fold_evaluation_ranks_each_user_with_the_fold_backbone_that_never_saw_them(cyclic_dataset, tiny_llama_dir):
+def test_fold_evaluation_ranks_each_user_with_the_fold_backbone_that_never_saw_them(cyclic_dataset, tiny_llama_dir, tmp_path):
     from recbole.data.interaction import Interaction
 
     from recbole_llmalign.data.sampling import user_folds
@@ -185,7 +185,7 @@ def test_fold_evaluation_ranks_each_user_with_the_fold_backbone_that_never_saw_t
 
     data_path, name = cyclic_dataset
     llm = dict(llm_path=str(tiny_llama_dir), llm_layers=1, train_batch_size=64, backbone_epochs=2, denoise_samples=False,
-               epochs=1, cross_fit_folds=2)
+               epochs=1, cross_fit_folds=2, explanation_max_tokens=5)
     result, cost = run_with_cost("AlignLLMRec", name, config_dict=cyclic_config(
         data_path, item_text_fields=["title", "genre"], cross_fit_evaluation="folds", **llm))
     files = sorted(Path("saved/backbones").glob("AlignSASRec-cyclic-*.pth"))
@@ -213,11 +213,19 @@ def test_fold_evaluation_ranks_each_user_with_the_fold_backbone_that_never_saw_t
     with pytest.raises(RuntimeError, match="must go through cross_fitted"):  # evaluation outside the routing
         _ = model.backbone
     assert "backbone_test_result" in result  # the run's own backbone is the routed fold backbones
-    _, loaded, *_ = load_data_and_model(cost.checkpoint)  # its checkpoint ranks with the folds again
+    everything = load_data_and_model(cost.checkpoint)  # its checkpoint ranks with the folds again
+    loaded = everything[1]
     assert loaded.routes_evaluation and len(loaded.fold_backbones) == 2
     with torch.no_grad():
         trained = loaded.full_sort_predict(batch)
     assert trained.shape == scores.shape and torch.isfinite(trained).all()
+    # recommending with explanations and precomputing every user's top-K work on such a model
+    from recbole_llmalign.recommend import recommend
+    from recbole_llmalign.serving import precompute_topk
+
+    picked = recommend(cost.checkpoint, "u5", topk=3, explain=True, loaded=everything)
+    assert len(picked.items) == len(picked.explanations) == 3
+    assert precompute_topk(cost.checkpoint, tmp_path / "top.cache", topk=3, loaded=everything, show_progress=False).is_file()
 
     def build(**overrides):
         built = _prepared("AlignLLMRec", data_path, name, **{**llm, **overrides})[0]

@@ -737,7 +737,11 @@ class Explainer:
 
     def evidence(self, history: Sequence[int], items: Sequence[int]) -> list[Evidence]:
         """``Evidence`` for each of ``items`` (internal ids) given the user's ``history`` (internal ids)."""
-        vectors = self.model.item_side().scoring
+        if getattr(self.model, "routes_evaluation", False):  # ranked by per-user fold backbones: similarity from the
+            with torch.no_grad():  # backbone trained on every user (item vectors, not a ranking of this user)
+                vectors = self.model.fit_backbone._scoring_table().detach()
+        else:
+            vectors = self.model.item_side().scoring
         return gather_evidence(vectors, self.attributes, list(history), list(items), self.evidence_items, self.item_tokens)
 
     def explain(self, history: Sequence[int], items: Sequence[int]) -> list[Explanation]:
