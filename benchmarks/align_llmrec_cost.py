@@ -80,7 +80,7 @@ def measure(dataset: str, llm_layers: int | None, train_steps: int, eval_users: 
     part = {key: users[key][:eval_users] for key in (model.ITEM_SEQ, model.ITEM_SEQ_LEN)}
     n_users = part[model.ITEM_SEQ].size(0)
     eval_sec = _timed(lambda: model.full_sort_predict(part), 2)
-    backbone_sec = _timed(lambda: model.backbone.full_sort_predict(part), 3)
+    backbone_sec = _timed(lambda: model.scoring_backbone.full_sort_predict(part), 3)
 
     micro = {key: value[:model.micro_batch] for key, value in part.items()}
     model.requires_grad_(False)  # training is measured; the flop counter's module hooks trip over grad-less parameters

@@ -43,6 +43,7 @@ def measure(backbone_file: str, fold_files: list[str]) -> tuple[str, list[list]]
     from recbole_llmalign.quick_start import load_data_and_model
 
     config, full, dataset, train_data, _, test_data = load_data_and_model(backbone_file)
+    full = full.cpu()  # the fold backbones load on the CPU; so do the test batches
     name = config["dataset"]
     folds = [load_backbone(path, train_data._dataset, "cross_fit_coordinates") for path in fold_files]
     for index, (_, fold_config) in enumerate(folds):

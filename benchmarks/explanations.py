@@ -117,7 +117,7 @@ def measure(dataset_name: str, model_file: str, how: str, args: argparse.Namespa
     uid_tokens, started = dataset.field2id_token[dataset.uid_field], time.perf_counter()
     for number, user in enumerate(users, start=1):
         history = histories[user][:-1]  # what the model reads at test time
-        items, _ = rank_items(model, config, dataset, torch.tensor(history), args.topk)
+        items, _ = rank_items(model, config, dataset, torch.tensor(history), args.topk, user)  # the user: a cross-fitted model routes by it
         texts = {}
         for setting, writer in writers.items():
             begin = time.perf_counter()

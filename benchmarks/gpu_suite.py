@@ -484,7 +484,7 @@ class Suite:
         part = {key: interaction[key][:users] for key in (model.ITEM_SEQ, model.ITEM_SEQ_LEN)}
         n_users = part[model.ITEM_SEQ].size(0)
         eval_sec = timed(lambda: model.full_sort_predict(part), 1, device)
-        backbone_sec = timed(lambda: model.backbone.full_sort_predict(part), 3, device)
+        backbone_sec = timed(lambda: model.scoring_backbone.full_sort_predict(part), 3, device)
         micro = {key: value[:model.micro_batch] for key, value in part.items()}
         sample = next(iter(train))[:batch_size].to(device)
         model.requires_grad_(False)  # the flop counter's module hooks trip over parameters without grads

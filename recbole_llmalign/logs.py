@@ -151,7 +151,8 @@ def evaluate_backbone(trainer: Any, model: Any, test_data: Any) -> dict[str, flo
     """Test metrics of the frozen backbone of a model that has one (``backbone_model``), or None.
 
     The model holds the backbone it ranks with in evaluation (``model.scoring_backbone``, frozen:
-    the one it trained on, or its refit), so the backbone is scored on the very test loader,
+    the one it trained on, its refit, or under ``cross_fit_evaluation: folds`` the fold backbones routed
+    by user), so the backbone is scored on the very test loader,
     evaluator and protocol of the run: the trainer evaluates it in the model's place, then gets the
     model back. One extra full-ranking pass of the small backbone, no LLM.
     """

@@ -219,6 +219,10 @@ def ensure_backbone(config: Any, config_file_list: list[str] | None = None) -> N
     if folds and not getattr(model_class, "supports_cross_fitting", False):  # before any backbone trains
         raise ValueError(f"{config['model']} does not train with cross-fitting fold backbones; set cross_fit_folds to 0 "
                          "(AlignLLMRec has it).")
+    if not folds and str(config["cross_fit_evaluation"] or "full") == "folds":
+        raise ValueError(f"cross_fit_evaluation: folds ranks valid/test with the cross-fitting fold backbones, and "
+                         f"cross_fit_folds is {config['cross_fit_folds'] or 0}: set cross_fit_folds >= 2, or "
+                         "cross_fit_evaluation: full.")
     if folds and int(config["backbone_refit_epochs"] or 0) > 0:
         raise ValueError("cross_fit_folds evaluates with a backbone trained on every user and target, so there is nothing "
                          "to refit: set backbone_refit_epochs to 0 (or cross_fit_folds to 0).")

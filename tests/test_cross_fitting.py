@@ -233,5 +233,11 @@ def test_fold_evaluation_ranks_each_user_with_the_fold_backbone_that_never_saw_t
 
     with pytest.raises(ValueError, match="cross_fit_evaluation must be one of"):
         build(backbone_checkpoint=full_file, cross_fit_backbone_checkpoints=fold_files, cross_fit_evaluation="both")
-    with pytest.raises(ValueError, match="and this model has none"):
+    with pytest.raises(ValueError, match="and this AlignLLMRec has none"):
         build(backbone_checkpoint=full_file, cross_fit_folds=0, cross_fit_evaluation="folds")
+    for path in Path("saved/backbones").iterdir():
+        path.unlink()
+    with pytest.raises(ValueError, match="cross_fit_folds is 0: set cross_fit_folds >= 2"):  # before any backbone trains
+        run_with_cost("AlignLLMRec", name, config_dict=cyclic_config(
+            data_path, item_text_fields=["title", "genre"], **{**llm, "cross_fit_folds": 0}, cross_fit_evaluation="folds"))
+    assert not any(Path("saved/backbones").iterdir())

@@ -54,12 +54,20 @@ class FoldRoutedBackbone(nn.Module):
         return super().train(mode)
 
     def full_sort_predict(self, interaction: Any) -> torch.Tensor:
-        return route_by_fold(interaction, self.user_fold[interaction[self.user_field]],
+        return route_by_fold(interaction, folds_of(interaction, self.user_fold, self.user_field),
                              lambda fold, rows: self.parts[fold].full_sort_predict(rows))
 
     def predict(self, interaction: Any) -> torch.Tensor:
-        return route_by_fold(interaction, self.user_fold[interaction[self.user_field]],
+        return route_by_fold(interaction, folds_of(interaction, self.user_fold, self.user_field),
                              lambda fold, rows: self.parts[fold].predict(rows))
+
+
+def folds_of(interaction: Any, user_fold: torch.Tensor, user_field: str) -> torch.Tensor:
+    """[B] each row's fold. A history without a known user (recommend or serving a new user) goes to fold 0,
+    whose backbone, like every fold's, never saw it; callers with a dataset user pass its id."""
+    if user_field in interaction:
+        return user_fold[interaction[user_field]]
+    return torch.zeros(len(interaction), dtype=torch.long, device=user_fold.device)
 
 
 def route_by_fold(interaction: Any, folds: torch.Tensor, score: Any) -> torch.Tensor:
@@ -158,8 +166,9 @@ class FrozenBackboneLLMRecommender(SequentialRecommender):
         if self.cross_fit_evaluation not in CROSS_FIT_EVALUATIONS:
             raise ValueError(f"cross_fit_evaluation must be one of {CROSS_FIT_EVALUATIONS}, got '{self.cross_fit_evaluation}'.")
         if self.cross_fit_evaluation == "folds" and self.fold_backbones is None:
-            raise ValueError("cross_fit_evaluation: folds ranks valid/test with the cross-fitting fold backbones, and this "
-                             "model has none: set cross_fit_folds >= 2, or cross_fit_evaluation: full.")
+            raise ValueError(f"cross_fit_evaluation: folds ranks valid/test with the cross-fitting fold backbones, and this "
+                             f"{type(self).__name__} has none: set cross_fit_evaluation: full"
+                             + (", or cross_fit_folds >= 2." if self.supports_cross_fitting else "."))
         self.lora = int(config["lora_r"]) > 0
         # whether LLM weights change in training (LoRA adapters, or every weight with llm_init: scratch)
         self.llm_trained = self.lora or str(config["llm_init"] or "pretrained") == "scratch"
@@ -257,12 +266,8 @@ class FrozenBackboneLLMRecommender(SequentialRecommender):
             self.active_fold = fold
             return score_of(rows)
 
-        if self.USER_ID in interaction:
-            folds = self.user_fold[interaction[self.USER_ID]]
-        else:  # a history without a known user (recommend, serving): unseen by every fold backbone, so fold 0's
-            folds = torch.zeros(len(interaction), dtype=torch.long, device=self.user_fold.device)
         try:
-            return route_by_fold(interaction, folds, score)
+            return route_by_fold(interaction, folds_of(interaction, self.user_fold, self.USER_ID), score)
         finally:
             self.active_fold = None
 
