@@ -230,6 +230,33 @@ def test_no_llm_ablation_reads_the_same_prompt_with_an_mlp_of_similar_size_and_n
     assert set(with_lora.state_dict()) == set(model.state_dict())  # LoRA off: the same checkpoint keys as without it
 
 
+def test_llm_plus_mlp_reader_is_the_no_llm_mlp_with_the_llm_state_added(trained_backbone, tiny_llama_dir):
+    """prompt_reader: llm+mlp keeps the LLM and its prefixes and adds the no_llm twin's very MLP (same size and
+    initial weights) to the LLM's last state, so the twin differs from it by the LLM alone."""
+    torch.manual_seed(0)
+    _, twin, _ = _build(trained_backbone, tiny_llama_dir, prompt_reader="mlp")
+    torch.manual_seed(0)
+    _, model, (train, _, test) = _build(trained_backbone, tiny_llama_dir, prompt_reader="llm+mlp")
+    assert hasattr(model, "layer_prefix") and hasattr(model, "instruction_prefix")  # the LLM path is whole
+    mine, theirs = model.pooling_reader.state_dict(), twin.pooling_reader.state_dict()
+    assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
+    model.eval()
+    interaction = next(iter(test))[0]
+    seq, length = interaction[model.ITEM_SEQ], interaction[model.ITEM_SEQ_LEN]
+    with torch.no_grad():
+        both, user = model.llm_states(seq, length)
+        embeds, mask, token_ids = model.prompt_parts(seq, length, user)
+        pooled = model.pooling_reader(embeds.float(), token_ids, mask)
+        for parameter in model.pooling_reader.net[-1].parameters():
+            parameter.zero_()  # the MLP's output now zero: what is left is the LLM's state
+        llm_only, _ = model.llm_states(seq, length)
+    assert torch.allclose(both - llm_only, pooled, atol=1e-5) and not torch.allclose(llm_only, torch.zeros_like(llm_only))
+    torch.manual_seed(0)
+    _, model, _ = _build(trained_backbone, tiny_llama_dir, prompt_reader="llm+mlp")
+    losses = _train_steps(model, next(iter(train)), 15)
+    assert losses[-1] < losses[0] - 0.1
+
+
 def test_llm_item_scoring_starts_at_the_backbone_ranking_learns_and_caches_the_item_vectors(trained_backbone, tiny_llama_dir,
                                                                                            tmp_path, caplog):
     """llm_item_scoring: the LLM reads every item's text once (cached, keyed by the tokens); the extra

@@ -36,7 +36,7 @@ from recbole_llmalign.model.abstract_recommender import FrozenBackboneLLMRecomme
 from recbole_llmalign.model.layers import info_nce
 from recbole_llmalign.model.unseen_items import training_items
 
-PROMPT_READERS = ("llm", "mlp")  # what reads the prompt: the LLM, or the no_llm ablation's MLP
+PROMPT_READERS = ("llm", "mlp", "llm+mlp")  # what reads the prompt: the LLM, the no_llm ablation's MLP, or both added
 
 
 class ItemSide:
@@ -94,12 +94,14 @@ class AlignLLMRec(FrozenBackboneLLMRecommender):
         self.prompt_reader = str(config["prompt_reader"])
         if self.prompt_reader not in PROMPT_READERS:
             raise ValueError(f"prompt_reader must be one of {PROMPT_READERS}, got '{self.prompt_reader}'.")
-        if self.prompt_reader == "mlp":  # the LLM ablation: same inputs and head, the LLM-only trainables traded for an MLP
+        if self.prompt_reader in ("mlp", "llm+mlp"):  # the LLM ablation's MLP; llm+mlp: the very same MLP (size and
+            # initial weights: built at the same point), its output added to the LLM's state, so LLM on/off is the only change
             replaced = sum(p.numel() for name, p in self.named_parameters()
                            if p.requires_grad and name.split(".")[0] in ("layer_prefix", "instruction_prefix", "llm"))
             candidate = int(config["rerank_top_n"] or 0) > 0  # prompts that end with a candidate: pooled on its own
             self.pooling_reader = PromptPoolingReader(
                 self.llm_hidden_size, PromptPoolingReader.width_for(self.llm_hidden_size, replaced, candidate), candidate=candidate)
+        if self.prompt_reader == "mlp":  # the LLM ablation: same inputs and head, the LLM-only trainables traded for an MLP
             self.use_layer_prefix = self.use_instruction_prefix = False  # they only act inside the LLM's attention
             for name in ("layer_prefix", "instruction_prefix"):
                 if hasattr(self, name):
@@ -154,7 +156,7 @@ class AlignLLMRec(FrozenBackboneLLMRecommender):
     def _item_text_vectors(self) -> torch.Tensor:
         """[N, D] standardised vectors of the items' prompt text: the LLM's (``llm/item_vectors.py``, cached),
         or, in the no_llm ablation, the mean of the same tokens' input embeddings (no LLM layers)."""
-        if self.prompt_reader == "llm":
+        if self.prompt_reader != "mlp":
             cache_dir, dataset, dtype = self._item_text_settings
             with self.llm_autocast():
                 vectors = cached_item_vectors(self.decoder, self.prompts.title_ids, self.pad_id, cache_dir, dataset,
@@ -259,7 +261,10 @@ class AlignLLMRec(FrozenBackboneLLMRecommender):
         with self.llm_autocast():
             output = self.decoder(inputs_embeds=embeds, attention_mask=full_mask, position_ids=self.positions(mask, prefix_length),
                                   past_key_values=cache, use_cache=cache is not None)
-        return output.last_hidden_state[:, -1].float(), user  # left padding: the last position is real; heads in float32
+        state = output.last_hidden_state[:, -1].float()  # left padding: the last position is real; heads in float32
+        if self.prompt_reader == "llm+mlp":  # the MLP's reading of the same prompt, plus what the LLM adds to it
+            state = state + self.pooling_reader(embeds.float(), token_ids, mask)
+        return state, user
 
     def scores_and_query(self, item_seq: torch.Tensor, item_seq_len: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(scores of every item [B, N], the query vector in item space [B, C])."""
