@@ -8,7 +8,7 @@ trained long enough to add anything" cannot be told apart. This probe takes the 
 question: the LLM stays frozen, its states are computed once per prompt, and only the residual head
 is trained, to early stopping on valid, for every feature set alike:
 
-- ``backbone``: the holdout AlignSASRec alone (no head; must equal the LLM rows' own backbone);
+- ``backbone``: the holdout AlignSASRec alone (no head; should equal the LLM rows' own backbone);
 - ``token_mean``: the mean of the prompt's input token embeddings (the same tokens the LLM reads,
   without any LLM layer: the no-LLM twin);
 - ``llm_last_L<l>`` / ``llm_mean_L<l>``: the LLM's hidden state after layer ``l`` at the prompt's last
@@ -27,8 +27,8 @@ test is read once. Prompts: the model's ``titles`` prompt (instruction text + te
 Writes ``benchmarks/results/llm_probe_<dataset>[_new<ratio>].{csv,md,png}`` (rows: setting = feature set,
 split valid/test/test_cold/test_new, metrics ndcg@10, recall@10, hit@5, and the paired-bootstrap
 ``ndcg@10_diff_lo``/``_hi`` of each feature set against ``token_mean`` and against ``backbone``).
-The LLM states are cached under ``saved/llm_probe/`` (one LLM pass per prompt; ~0.1 s per prompt at 30
-layers on 2 CPU cores); the backbone is the leaderboard's cached holdout AlignSASRec (trained when missing).
+The LLM states are cached under ``saved/llm_probe/`` (one LLM pass per prompt; estimated ~0.1 s per prompt
+at 30 layers on 2 CPU cores, not yet timed on full data); the backbone is the leaderboard's cached holdout AlignSASRec (trained when missing).
 """
 
 from __future__ import annotations
