@@ -61,6 +61,12 @@ def cyclic_dataset(tmp_path) -> tuple[str, str]:
     return str(root), "cyclic"
 
 
+def newest_file(folder: str, pattern: str) -> Path:
+    """The most recently written file matching ``pattern``: RecBole names checkpoints by date with the month
+    as a word, so sorting names puts Dec before Nov and would pick an older run's file."""
+    return max(Path(folder).glob(pattern), key=lambda path: path.stat().st_mtime_ns)
+
+
 def cyclic_config(data_path: str, **overrides: object) -> dict:
     config = dict(TINY_SEQUENTIAL, data_path=data_path, load_col={"inter": ["user_id", "item_id", "timestamp"]},
                   eval_args={"split": {"LS": "valid_and_test"}, "order": "TO", "group_by": "user", "mode": "full"},
@@ -96,7 +102,7 @@ def trained_backbone(cyclic_dataset) -> tuple[str, str, str]:
 
     data_path, name = cyclic_dataset
     run_with_cost("AlignSASRec", name, config_dict=cyclic_config(data_path, item_text_fields=["title", "genre"], epochs=3))
-    checkpoint = sorted(Path("saved").glob("AlignSASRec-*.pth"))[-1]
+    checkpoint = newest_file("saved", "AlignSASRec-*.pth")
     return data_path, name, str(checkpoint)
 
 

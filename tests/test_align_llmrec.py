@@ -9,7 +9,7 @@ import torch
 
 import recbole_llmalign  # noqa: F401
 from recbole_llmalign.llm.soft_prompt import HISTORY_SLOT, SEMANTIC_SLOT, USER_SLOT, PromptBuilder
-from tests.conftest import cyclic_config
+from tests.conftest import cyclic_config, newest_file
 
 
 def _tokenizer(folder):
@@ -345,7 +345,7 @@ def test_runs_through_recbole_trainer_and_reloads_its_small_best_checkpoint(trai
     result, cost = run_with_cost("AlignLLMRec", name, config_dict=config)
     assert cost.epochs == 2
     assert cost.extra["train_samples"] == 132  # without stacking: 10% of the 1,320 prefix samples the backbone trains on
-    saved = sorted(Path("saved").glob("AlignLLMRec-*.pth"))[-1]
+    saved = newest_file("saved", "AlignLLMRec-*.pth")
     backbone_size = Path(checkpoint).stat().st_size
     assert saved.stat().st_size < backbone_size + 200_000  # trainables + config, no LLM copy
     from recbole_llmalign.quick_start import load_data_and_model

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
 
 import recbole_llmalign  # noqa: F401
-from tests.conftest import TINY_SEQUENTIAL, write_atomic
+from tests.conftest import TINY_SEQUENTIAL, newest_file, write_atomic
 
 
 def test_uauc_equals_a_hand_computation():
@@ -75,7 +73,7 @@ def test_alignllmrec_labeled_task_learns_the_label_and_reports_auc_and_uauc(labe
     # every item has ~45 training interactions: no cold candidate, so the warm slice is the whole test set
     assert "test_cold_result" not in result
     assert result["test_warm_result"]["auc"] == pytest.approx(result["test_result"]["auc"])
-    checkpoint = sorted(Path("saved").glob("AlignLLMRecCTR-*.pth"))[-1]
+    checkpoint = newest_file("saved", "AlignLLMRecCTR-*.pth")
     saved = torch.load(checkpoint, weights_only=False)
     assert {"backbone_score_weight", "label_bias"} <= set(saved["state_dict"])
 
@@ -175,7 +173,7 @@ def test_history_labels_and_rate_features_capture_user_tendency(tendency_dataset
     assert informed["test_result"]["auc"] > 0.95  # the user's like rate separates the two groups at once
     assert rates_only["test_result"]["auc"] > 0.95  # ... with or without the LLM pass
     assert blind["test_result"]["auc"] < 0.75  # item choice is random: nothing to learn from without labels
-    checkpoint = sorted(Path("saved").glob("AlignLLMRecCTR-*.pth"))[-1]
+    checkpoint = newest_file("saved", "AlignLLMRecCTR-*.pth")
     assert "rate_weights" in torch.load(checkpoint, weights_only=False)["state_dict"]
 
 

@@ -14,7 +14,7 @@ import torch
 import recbole_llmalign  # noqa: F401
 from recbole_llmalign.compat import load_checkpoint
 from recbole_llmalign.safe_load import UnsafeCheckpointError
-from tests.conftest import cyclic_config
+from tests.conftest import cyclic_config, newest_file
 
 
 class _WritesAFile:
@@ -51,7 +51,7 @@ def _run_recbole(data_path: str, name: str, model: str) -> Path:
 
     overrides = {"train_neg_sample_args": None} if model == "SASRec" else {}
     run_recbole(model=model, dataset=name, config_dict=cyclic_config(data_path, **overrides))
-    return sorted(Path("saved").glob(f"{model}-*.pth"))[-1]
+    return newest_file("saved", f"{model}-*.pth")
 
 
 @pytest.mark.parametrize("model", ["SASRec", "Pop"])
