@@ -257,6 +257,57 @@ def test_llm_plus_mlp_reader_is_the_no_llm_mlp_with_the_llm_state_added(trained_
     assert losses[-1] < losses[0] - 0.1
 
 
+def test_const_plus_mlp_control_is_llm_plus_mlp_with_the_llm_state_frozen_to_its_first_batch_mean(trained_backbone,
+                                                                                                   tiny_llama_dir):
+    """prompt_reader: const+mlp, llm+mlp's control: the same MLP (size and initial weights) plus one constant, the
+    initial LLM's mean state over the first batch; nothing of the LLM trains and the LLM never runs again."""
+    torch.manual_seed(0)
+    _, twin, (train, _, test) = _build(trained_backbone, tiny_llama_dir, prompt_reader="mlp")
+    torch.manual_seed(0)
+    _, reference, _ = _build(trained_backbone, tiny_llama_dir, prompt_reader="llm+mlp")
+    torch.manual_seed(0)
+    _, model, _ = _build(trained_backbone, tiny_llama_dir, prompt_reader="const+mlp")
+    mine, theirs = model.pooling_reader.state_dict(), twin.pooling_reader.state_dict()
+    assert all(torch.equal(mine[k], theirs[k]) for k in theirs)  # the very MLP of the no_llm twin
+
+    def trainable(m):
+        return {n for n, p in m.named_parameters() if p.requires_grad}
+
+    assert trainable(model) == trainable(twin)  # prefixes and LoRA kept as built, frozen: the twin's trainables exactly
+    for m in (model, reference):
+        m.eval()
+    interaction = next(iter(test))[0]
+    seq, length = interaction[model.ITEM_SEQ], interaction[model.ITEM_SEQ_LEN]
+    with torch.no_grad():
+        for parameter in reference.pooling_reader.net[-1].parameters():
+            parameter.zero_()
+        llm_only, _ = reference.llm_states(seq, length)  # the initial LLM's state of every prompt
+        assert not bool(model.constant_llm_state_ready)
+        state, user = model.llm_states(seq, length)  # the first batch fixes the constant
+        assert torch.allclose(model.constant_llm_state, llm_only.mean(0), atol=1e-5)
+        assert llm_only.std(0).max() > 1e-3  # the LLM's states differ per user: the constant removes something
+
+        def no_llm(*args, **kwargs):
+            raise AssertionError("const+mlp ran the LLM after its first batch")
+
+        model.decoder.forward = no_llm
+        embeds, mask, token_ids = model.prompt_parts(seq, length, user)
+        again, _ = model.llm_states(seq, length)
+        assert torch.allclose(again - model.pooling_reader(embeds.float(), token_ids, mask),
+                              model.constant_llm_state.expand_as(again), atol=1e-5)
+    losses = _train_steps(model, next(iter(train)), 15)
+    assert losses[-1] < losses[0] - 0.1  # the MLP learns; the constant stays
+    assert torch.allclose(model.constant_llm_state, llm_only.mean(0), atol=1e-5)
+    torch.manual_seed(0)
+    _, reloaded, _ = _build(trained_backbone, tiny_llama_dir, prompt_reader="const+mlp")
+    reloaded.load_state_dict(model.state_dict())  # the constant travels in the checkpoint: no LLM pass after loading
+    reloaded.decoder.forward = no_llm
+    for m in (model, reloaded):
+        m.eval()  # training left model in train mode: dropout would differ
+    with torch.no_grad():
+        assert torch.allclose(reloaded.llm_states(seq, length)[0], model.llm_states(seq, length)[0], atol=1e-5)
+
+
 def test_llm_item_scoring_starts_at_the_backbone_ranking_learns_and_caches_the_item_vectors(trained_backbone, tiny_llama_dir,
                                                                                            tmp_path, caplog):
     """llm_item_scoring: the LLM reads every item's text once (cached, keyed by the tokens); the extra

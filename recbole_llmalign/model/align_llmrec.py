@@ -14,6 +14,7 @@ head (plus LoRA adapters when ``lora_r > 0``). The pointwise yes/no variant is
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
@@ -36,7 +37,10 @@ from recbole_llmalign.model.abstract_recommender import FrozenBackboneLLMRecomme
 from recbole_llmalign.model.layers import info_nce
 from recbole_llmalign.model.unseen_items import training_items
 
-PROMPT_READERS = ("llm", "mlp", "llm+mlp")  # what reads the prompt: the LLM, the no_llm ablation's MLP, or both added
+logger = logging.getLogger(__name__)
+
+# what reads the prompt: the LLM, the no_llm ablation's MLP, both added, or the MLP plus a constant LLM state (llm+mlp's control)
+PROMPT_READERS = ("llm", "mlp", "llm+mlp", "const+mlp")
 
 
 class ItemSide:
@@ -94,8 +98,8 @@ class AlignLLMRec(FrozenBackboneLLMRecommender):
         self.prompt_reader = str(config["prompt_reader"])
         if self.prompt_reader not in PROMPT_READERS:
             raise ValueError(f"prompt_reader must be one of {PROMPT_READERS}, got '{self.prompt_reader}'.")
-        if self.prompt_reader in ("mlp", "llm+mlp"):  # the LLM ablation's MLP; llm+mlp: the very same MLP (size and
-            # initial weights: built at the same point), its output added to the LLM's state, so LLM on/off is the only change
+        if self.prompt_reader in ("mlp", "llm+mlp", "const+mlp"):  # the LLM ablation's MLP; llm+mlp: the very same MLP (size
+            # and initial weights: built at the same point), its output added to the LLM's state, so LLM on/off is the only change
             replaced = sum(p.numel() for name, p in self.named_parameters()
                            if p.requires_grad and name.split(".")[0] in ("layer_prefix", "instruction_prefix", "llm"))
             candidate = int(config["rerank_top_n"] or 0) > 0  # prompts that end with a candidate: pooled on its own
@@ -107,6 +111,13 @@ class AlignLLMRec(FrozenBackboneLLMRecommender):
                 if hasattr(self, name):
                     delattr(self, name)
             self.llm.requires_grad_(False)  # LoRA adapters too: nothing runs the LLM
+        if self.prompt_reader == "const+mlp":  # llm+mlp with the LLM's state frozen to one vector: the prefixes and LoRA
+            # stay as built (the constant is what llm+mlp's LLM gives at the start) but never train; the LLM runs once
+            for name in ("layer_prefix", "instruction_prefix", "llm"):
+                if hasattr(self, name):
+                    getattr(self, name).requires_grad_(False)
+            self.register_buffer("constant_llm_state", torch.zeros(self.llm_hidden_size))
+            self.register_buffer("constant_llm_state_ready", torch.tensor(False))
         self.prompts = PromptBuilder(self.tokenizer, config["prompt_template"], self.titles, mode=config["prompt_mode"],
                                      history_items=int(config["prompt_history_items"]),
                                      title_max_tokens=int(config["title_max_tokens"]))
@@ -155,8 +166,8 @@ class AlignLLMRec(FrozenBackboneLLMRecommender):
 
     def _item_text_vectors(self) -> torch.Tensor:
         """[N, D] standardised vectors of the items' prompt text: the LLM's (``llm/item_vectors.py``, cached),
-        or, in the no_llm ablation, the mean of the same tokens' input embeddings (no LLM layers)."""
-        if self.prompt_reader != "mlp":
+        or, in the no_llm ablation (and const+mlp), the mean of the same tokens' input embeddings (no LLM layers)."""
+        if self.prompt_reader not in ("mlp", "const+mlp"):
             cache_dir, dataset, dtype = self._item_text_settings
             with self.llm_autocast():
                 vectors = cached_item_vectors(self.decoder, self.prompts.title_ids, self.pad_id, cache_dir, dataset,
@@ -256,15 +267,38 @@ class AlignLLMRec(FrozenBackboneLLMRecommender):
         embeds, mask, token_ids = self.prompt_parts(item_seq, item_seq_len, user, candidates, history_labels)
         if self.prompt_reader == "mlp":
             return self.pooling_reader(embeds.float(), token_ids, mask), user
+        if self.prompt_reader == "const+mlp":
+            if not bool(self.constant_llm_state_ready):
+                self._set_constant_llm_state(embeds, mask, user)
+            return self.constant_llm_state + self.pooling_reader(embeds.float(), token_ids, mask), user
+        state = self._last_llm_state(embeds, mask, user)
+        if self.prompt_reader == "llm+mlp":  # the MLP's reading of the same prompt, plus what the LLM adds to it
+            state = state + self.pooling_reader(embeds.float(), token_ids, mask)
+        return state, user
+
+    def _last_llm_state(self, embeds: torch.Tensor, mask: torch.Tensor, user: torch.Tensor) -> torch.Tensor:
+        """[B, D_llm] the LLM's last hidden state of each prompt, after the layer and instruction prefixes."""
         cache, prefix_length = self.prefix_cache(user)
         full_mask = torch.cat([mask.new_ones(mask.size(0), prefix_length), mask], dim=1)
         with self.llm_autocast():
             output = self.decoder(inputs_embeds=embeds, attention_mask=full_mask, position_ids=self.positions(mask, prefix_length),
                                   past_key_values=cache, use_cache=cache is not None)
-        state = output.last_hidden_state[:, -1].float()  # left padding: the last position is real; heads in float32
-        if self.prompt_reader == "llm+mlp":  # the MLP's reading of the same prompt, plus what the LLM adds to it
-            state = state + self.pooling_reader(embeds.float(), token_ids, mask)
-        return state, user
+        return output.last_hidden_state[:, -1].float()  # left padding: the last position is real; heads in float32
+
+    def kept_names(self) -> set[str]:
+        """The checkpoint's keys; under const+mlp also its constant, so a reloaded model never runs the LLM again."""
+        names = super().kept_names()
+        return names | {"constant_llm_state", "constant_llm_state_ready"} if self.prompt_reader == "const+mlp" else names
+
+    def _set_constant_llm_state(self, embeds: torch.Tensor, mask: torch.Tensor, user: torch.Tensor) -> None:
+        """const+mlp: the mean LLM state of the first batch the model sees (training's first, in a normal run), kept in
+        the checkpoint. It carries llm+mlp's scale and offset into the head but nothing about the user, so llm+mlp's
+        gain over this control is what the LLM reads per user, not a change of the head's step size."""
+        with torch.inference_mode(False), torch.no_grad():
+            state = self._last_llm_state(embeds.detach().clone(), mask.clone(), user.detach().clone()).mean(0)
+            self.constant_llm_state.copy_(state)
+            self.constant_llm_state_ready.fill_(True)
+        logger.info("const+mlp: the LLM's state fixed to the mean of %d prompts (norm %.2f)", embeds.size(0), float(state.norm()))
 
     def scores_and_query(self, item_seq: torch.Tensor, item_seq_len: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(scores of every item [B, N], the query vector in item space [B, C])."""
