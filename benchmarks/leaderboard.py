@@ -79,6 +79,8 @@ LEVERS = [
      {"cross_fit_folds": 5, "cross_fit_evaluation": "folds", "resample_each_epoch": True, "prompt_reader": "mlp"}),
     # the no_llm row's very MLP with the LLM's last state added: the LLM can only add, and no_llm is its exact ablation
     ("AlignLLMRec:llm_plus_mlp", "AlignLLMRec", "llm_plus_mlp", {"prompt_reader": "llm+mlp"}),
+    # llm_plus_mlp's control: the same MLP plus a constant (the initial LLM's mean state): is its gain the LLM's reading?
+    ("AlignLLMRec:const_plus_mlp", "AlignLLMRec", "const_plus_mlp", {"prompt_reader": "const+mlp"}),
     ("AlignLLMRec:llm_items", "AlignLLMRec", "llm_items", {"llm_item_scoring": True}),
     ("AlignLLMRec:no_llm_items", "AlignLLMRec", "no_llm_items", {"llm_item_scoring": True, "prompt_reader": "mlp"}),
     ("AlignLLMRec:lr_1e-3", "AlignLLMRec", "lr_1e-3", {"learning_rate": 0.001}),
@@ -164,6 +166,9 @@ def field_use(name: str, config_files: list[str] | None, data_config: dict[str, 
         "AlignLLMRec:no_llm_cross_fit_5_folds": "no_llm, cross_fit_folds 5, cross_fit_evaluation folds",
         "AlignLLMRec:llm_plus_mlp": "prompt_reader llm+mlp: the no_llm row's MLP (same size and initial weights) plus the "
                                     "LLM's last state, prefixes and all; its ablation is the no_llm row",
+        "AlignLLMRec:const_plus_mlp": "prompt_reader const+mlp: llm_plus_mlp's control, the same MLP plus one constant "
+                                      "vector (the initial LLM's mean state over the first batch; nothing of the LLM "
+                                      "trains)",
         "AlignLLMRec:llm_items": "+ llm_item_scoring: the LLM's vector of each item's title in the score",
         "AlignLLMRec:no_llm_items": "no_llm + llm_item_scoring (the titles' input embeddings, no LLM layers)",
         "AlignLLMRec:lr_1e-3": "learning_rate 1e-3 (default 1e-4)",
