@@ -61,7 +61,8 @@ AGGREGATES = ("mean", "std")
 PRIMARY_REFERENCE_METRIC = "primary_reference"
 DIFF_SUFFIXES = ("_diff", "_diff_lo", "_diff_hi")
 SIGNIFICANCE_SPLITS = ("test", "test_cold", "test_new")
-_DIFF_METRIC = re.compile(r"(.+?)(_diff(?:_lo|_hi)?)(?:_vs_(.+))?")  # the first "_diff" ends the metric: R may hold one
+SEEDS_SUFFIX = "_diff_seeds"  # how many seeds a bootstrap row pooled: per-user files may be missing for some (another machine)
+_DIFF_METRIC = re.compile(r"(.+?)(_diff(?:_lo|_hi|_seeds)?)(?:_vs_(.+))?")  # the first "_diff" ends the metric: R may hold one
 
 
 def parse_references(reference: str | Iterable[str] | None) -> list[str]:
@@ -501,8 +502,9 @@ def significance_rows(records: list[dict[str, Any]], dataset: str, reference: st
             if not users or sum(len(u) for u in users) == 0:
                 continue
             mean, low, high, _ = paired_bootstrap(np.concatenate(users), np.concatenate(differences), n_boot)
+            pooled = sum(len(u) > 0 for u in users)
             rows += [[dataset, model, label, split, f"{metric}{suffix}{vs}", value]
-                     for suffix, value in zip(DIFF_SUFFIXES, (mean, low, high))]
+                     for suffix, value in zip((*DIFF_SUFFIXES, SEEDS_SUFFIX), (mean, low, high, pooled))]
     return rows
 
 
@@ -567,11 +569,14 @@ def significance_table(rows: Iterable[Any], reference: str, primary: bool = True
     if not found:
         return ""
     metric = next(iter(found.values()))["metric"]
-    lines = [f"Paired bootstrap over test users of the {metric} difference to {reference} (pooled over seeds, 95% interval):", "",
-             "| model | setting | split | difference | 95% interval | verdict |", "|---|---|---|---|---|---|"]
+    lines = [f"Paired bootstrap over test users of the {metric} difference to {reference} (95% interval), pooled over the "
+             "seeds both runs have per-user metrics for (`seeds`; per-user files stay with the machine that ran them, "
+             "so a row computed after a rerun elsewhere pools only the seeds run there; - = not recorded):", "",
+             "| model | setting | split | difference | 95% interval | verdict | seeds |", "|---|---|---|---|---|---|---|"]
     for (model, setting, split), values in found.items():
+        seeds = f"{values[SEEDS_SUFFIX]:.0f}" if SEEDS_SUFFIX in values else "-"
         lines.append(f"| {model} | {setting} | {split} | {values['_diff']:+.4f} | [{values['_diff_lo']:+.4f}, "
-                     f"{values['_diff_hi']:+.4f}] | {_verdict(values['_diff_lo'], values['_diff_hi'])} |")
+                     f"{values['_diff_hi']:+.4f}] | {_verdict(values['_diff_lo'], values['_diff_hi'])} | {seeds} |")
     return "\n".join(lines) + "\n"
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import math
+import os
 import pickle
 import statistics
 import sys
@@ -323,6 +324,14 @@ def test_significance_rows_pair_users_per_seed_and_restrict_slices(tmp_path):
     assert [found[("SASRecF", "mean", "test", f"ndcg@10{s}")] for s in report.DIFF_SUFFIXES] == pytest.approx(expected[:3])
     new = report.paired_bootstrap(np.array(["u2", "u3", "u1"]), np.array([0.3, 0.0, 0.0]), n_boot=300)
     assert found[("SASRecF", "mean", "test_new", "ndcg@10_diff")] == pytest.approx(new[0])
+    assert found[("SASRecF", "mean", "test", "ndcg@10" + report.SEEDS_SUFFIX)] == 2  # both seeds pooled
+    del records[0]  # seed 1's SASRec run gone (no per-user file on this machine): only seed 2 pairs
+    os.remove(report.per_user_path(per_user, "SASRec", "default", 1))
+    fewer = {(r[1], r[2], r[3], r[4]): r[5] for r in report.significance_rows(records, "toy", "SASRec", per_user, n_boot=300)}
+    assert fewer[("SASRecF", "mean", "test", "ndcg@10_diff_seeds")] == 1
+    assert fewer[("SASRecF", "mean", "test", "ndcg@10_diff")] == pytest.approx(np.mean([0.0, 0.3, 0.1]))
+    table = report.significance_table([["toy", *key, value] for key, value in fewer.items()], "SASRec")
+    assert "| SASRecF | mean | test | +0.1333 |" in table and table.splitlines()[4].endswith("| 1 |")
     assert ("SASRecF", "mean", "test_cold", "ndcg@10_diff") not in found  # nobody in that slice
     assert not any(key[0] == "SASRec" for key in found)  # the reference is not tested against itself
 
@@ -387,7 +396,7 @@ def test_further_references_add_vs_rows_equal_to_their_own_primary_run(tmp_path)
     assert markdown.count("Paired bootstrap over test users") == 2 and "difference to Nope" not in markdown
     primary = out["sasrec"][1].split("Paired bootstrap over test users")[1]
     assert "Paired bootstrap over test users" + primary in markdown
-    assert "difference to AlignSASRec:id_only (pooled over seeds" in out["id_only"][1].split("Test ndcg@10 per seed")[1]
+    assert "difference to AlignSASRec:id_only (95% interval), pooled over the seeds" in out["id_only"][1].split("Test ndcg@10 per seed")[1]
     assert out["id_only"][1].split("Paired bootstrap over test users")[1] == markdown.split("Paired bootstrap over test users")[2]
     # without seeds the rows sit under the runs' own settings: resume still reads back only the runs
     for record in records:
