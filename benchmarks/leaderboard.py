@@ -167,7 +167,7 @@ def field_use(name: str, config_files: list[str] | None, data_config: dict[str, 
         "AlignLLMRec:llm_plus_mlp": "prompt_reader llm+mlp: the no_llm row's MLP (same size and initial weights) plus the "
                                     "LLM's last state, prefixes and all; its ablation is the no_llm row",
         "AlignLLMRec:const_plus_mlp": "prompt_reader const+mlp: llm_plus_mlp's control, the same MLP plus one constant "
-                                      "vector (the initial LLM's mean state over the first batch; nothing of the LLM "
+                                      "vector (the initial LLM's mean state over its first micro-batch; nothing of the LLM "
                                       "trains)",
         "AlignLLMRec:llm_items": "+ llm_item_scoring: the LLM's vector of each item's title in the score",
         "AlignLLMRec:no_llm_items": "no_llm + llm_item_scoring (the titles' input embeddings, no LLM layers)",

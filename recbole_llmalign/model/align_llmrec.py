@@ -291,9 +291,10 @@ class AlignLLMRec(FrozenBackboneLLMRecommender):
         return names | {"constant_llm_state", "constant_llm_state_ready"} if self.prompt_reader == "const+mlp" else names
 
     def _set_constant_llm_state(self, embeds: torch.Tensor, mask: torch.Tensor, user: torch.Tensor) -> None:
-        """const+mlp: the mean LLM state of the first batch the model reads (validation's first when the untrained model
-        is validated before training, the default; else training's first), kept in the checkpoint. It carries llm+mlp's scale and offset into the head but nothing about the user, so llm+mlp's
-        gain over this control is what the LLM reads per user, not a change of the head's step size."""
+        """const+mlp: the mean LLM state of the first micro-batch (llm_micro_batch prompts) the model reads: validation's
+        first when the untrained model is validated before training (the default), else training's first; kept in the
+        checkpoint. It carries llm+mlp's scale and offset into the head but nothing about the user, so llm+mlp's gain
+        over this control is what the LLM reads per user, not a change of the head's step size."""
         with torch.inference_mode(False), torch.no_grad():
             state = self._last_llm_state(embeds.detach().clone(), mask.clone(), user.detach().clone()).mean(0)
             self.constant_llm_state.copy_(state)
