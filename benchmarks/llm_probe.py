@@ -17,7 +17,8 @@ is trained, to early stopping on valid, for every feature set alike:
 Head (the model's ``rank_with_backbone_residual`` head, trained here alone): query = backbone user
 vector + W f + b, W and b zero at the start, scores = query . backbone scoring table, cross-entropy
 over every item (unseen items masked as the model masks them), on the model's own stacking samples
-(the targets the holdout backbone never fit, ``train_sample_budget`` 1 = all of them). The grid
+(each user's last training target, which the holdout backbone never fit: as the model's trainer selects them,
+with ``train_sample_budget`` 1 = all of them; the other training rows are targets the backbone fit). The grid
 (learning rate x weight decay) is the same for every feature set and is chosen on valid NDCG@10;
 test is read once. Prompts: the model's ``titles`` prompt (instruction text + template + the last
 ``prompt_history_items`` titles) without the user soft token (a frozen probe has no trained projector).
@@ -79,15 +80,37 @@ def build(dataset: str, ratio: float, seed: int, layers: list[int]) -> tuple[Any
     return config, model, train_data, valid_data, test_data
 
 
-def rows_of(loader: Any, model: Any, training: bool) -> dict[str, np.ndarray]:
-    """Every row of a loader: users, padded histories, lengths, targets."""
+def rows_of(loader: Any, model: Any) -> dict[str, np.ndarray]:
+    """Every row of an evaluation loader: users, padded histories, lengths, targets."""
     parts: dict[str, list[np.ndarray]] = {"user": [], "seq": [], "len": [], "target": []}
     for batch in loader:
-        interaction = batch if training else batch[0]
+        interaction = batch[0]
         for key, field in (("user", model.USER_ID), ("seq", model.ITEM_SEQ), ("len", model.ITEM_SEQ_LEN),
                            ("target", model.POS_ITEM_ID)):
             parts[key].append(interaction[field].numpy())
     return {key: np.concatenate(value) for key, value in parts.items()}
+
+
+def stacking_rows(config: Any, model: Any, dataset: Any) -> dict[str, np.ndarray]:
+    """The training rows the model itself trains on (its trainer's selection, with ``train_sample_budget`` 1): each
+    user's last ``holdout_last_targets`` training targets, the ones the holdout backbone never fit. The other
+    training rows are targets the backbone was trained on, where a head would learn to undo its fit, not to add."""
+    from recbole_llmalign.data.sampling import sample_budget_rows, select_training_rows
+    from recbole_llmalign.trainer import stacking_holdout
+
+    holdout = stacking_holdout(config)
+    if holdout < 1:
+        raise ValueError(f"the probe needs stacking samples (holdout_last_targets >= 1), got {holdout}")
+    inter = dataset.inter_feat
+    targets = inter[model.POS_ITEM_ID].numpy()
+    index, notes = select_training_rows(
+        inter[model.ITEM_SEQ].numpy(), inter[model.ITEM_SEQ_LEN].numpy(), targets, inter[model.USER_ID].numpy(),
+        budget_rows=sample_budget_rows(1.0, len(targets)), buckets=int(config["diversity_buckets"]),
+        seed=int(config["seed"]), holdout=holdout)
+    print("; ".join(notes) + f" {len(index)} of {len(targets)} training rows probed.", flush=True)
+    index = np.sort(index)
+    return {key: inter[field].numpy()[index] for key, field in
+            (("user", model.USER_ID), ("seq", model.ITEM_SEQ), ("len", model.ITEM_SEQ_LEN), ("target", model.POS_ITEM_ID))}
 
 
 def features(model: Any, rows: dict[str, np.ndarray], layers: list[int], micro_batch: int = 32) -> dict[str, np.ndarray]:
@@ -244,7 +267,7 @@ def main() -> None:
     cache = Path("saved") / "llm_probe"
     data: dict[str, dict[str, np.ndarray]] = {}
     for split, loader in (("train", train_data), ("valid", valid_data), ("test", test_data)):
-        rows = rows_of(loader, model, split == "train")
+        rows = stacking_rows(config, model, loader._dataset) if split == "train" else rows_of(loader, model)
         if args.max_rows:
             rows = {key: value[:args.max_rows] for key, value in rows.items()}
         data[split] = {**rows, **cached_features(model, rows, layers, cache / f"{name}_s{args.seed}_{split}.npz")}
