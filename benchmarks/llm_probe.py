@@ -184,8 +184,27 @@ def per_user_metrics(scores: Any, targets: Any) -> dict[str, np.ndarray]:
     return {"ndcg@10": ndcg.numpy(), "recall@10": (rank < 10).float().numpy(), "hit@5": (rank < 5).float().numpy()}
 
 
+def residual_head(features: int, out: int, kind: str, hidden: int = 256) -> Any:
+    """The residual head, zero at the start so training starts from the backbone: ``linear`` (W f + b, the model's
+    head) or ``mlp`` (one GELU hidden layer of ``hidden`` units, its output layer zero), for signal a linear map misses."""
+    import torch
+
+    if kind == "linear":
+        head = torch.nn.Linear(features, out)
+        last = head
+    elif kind == "mlp":
+        last = torch.nn.Linear(hidden, out)
+        head = torch.nn.Sequential(torch.nn.Linear(features, hidden), torch.nn.GELU(), last)
+    else:
+        raise ValueError(f"--head must be linear or mlp, got {kind!r}")
+    torch.nn.init.zeros_(last.weight)
+    torch.nn.init.zeros_(last.bias)
+    return head
+
+
 def train_head(model: Any, data: dict[str, dict[str, np.ndarray]], feature: str | None, lr: float, weight_decay: float,
-               seed: int, max_epochs: int = 300, patience: int = 20, batch: int = 256) -> tuple[float, dict[str, dict]]:
+               seed: int, kind: str = "linear", max_epochs: int = 300, patience: int = 20,
+               batch: int = 256) -> tuple[float, dict[str, dict]]:
     """(best valid NDCG@10, per-user metrics of valid and test at that epoch) of the residual head on ``feature``."""
     import torch
     import torch.nn.functional as F
@@ -199,10 +218,7 @@ def train_head(model: Any, data: dict[str, dict[str, np.ndarray]], feature: str 
         for part in as_tensor.values():
             part["x"] = (part[feature] - mean) / std
     torch.manual_seed(seed)
-    head = torch.nn.Linear(as_tensor["train"]["x"].size(1), table.size(1)) if feature else None
-    if head is not None:
-        torch.nn.init.zeros_(head.weight)
-        torch.nn.init.zeros_(head.bias)
+    head = residual_head(as_tensor["train"]["x"].size(1), table.size(1), kind) if feature else None
 
     def scores_of(part: dict[str, Any], rows: Any = slice(None)) -> Any:
         query = part["user_vector"][rows]
@@ -249,6 +265,8 @@ def main() -> None:
     parser.add_argument("--new-item-ratio", type=float, default=0.0, help="new_item_ratio (0 = protocol off)")
     parser.add_argument("--seed", type=int, default=2020)
     parser.add_argument("--layers", default="8,16,30", help="LLM layers whose states are probed (comma list)")
+    parser.add_argument("--head", default="linear", choices=("linear", "mlp"),
+                        help="residual head: linear (the model's, W f + b) or mlp (one hidden layer; results under _mlp_head)")
     parser.add_argument("--max-rows", type=int, default=0,
                         help="smoke test: only the first N rows of each split, results under a _smoke name (0 = all)")
     args = parser.parse_args()
@@ -264,14 +282,15 @@ def main() -> None:
     started = time.perf_counter()
     config, model, train_data, valid_data, test_data = build(args.dataset, args.new_item_ratio, args.seed, layers)
     name = f"llm_probe_{args.dataset}" + (f"_new{args.new_item_ratio:g}" if args.new_item_ratio else "")
-    name += "_smoke" if args.max_rows else ""
+    features_name = name + ("_smoke" if args.max_rows else "")  # the LLM-state cache: the same for every head
+    name += ("_mlp_head" if args.head == "mlp" else "") + ("_smoke" if args.max_rows else "")
     cache = Path("saved") / "llm_probe"
     data: dict[str, dict[str, np.ndarray]] = {}
     for split, loader in (("train", train_data), ("valid", valid_data), ("test", test_data)):
         rows = stacking_rows(config, model, loader._dataset) if split == "train" else rows_of(loader, model)
         if args.max_rows:
             rows = {key: value[:args.max_rows] for key, value in rows.items()}
-        data[split] = {**rows, **cached_features(model, rows, layers, cache / f"{name}_s{args.seed}_{split}.npz")}
+        data[split] = {**rows, **cached_features(model, rows, layers, cache / f"{features_name}_s{args.seed}_{split}.npz")}
     feature_seconds = time.perf_counter() - started
 
     counts = np.bincount(np.fromiter((i for _, i in training_pairs(train_data._dataset)), dtype=np.int64),
@@ -290,7 +309,7 @@ def main() -> None:
     for feature in feature_sets:
         setting = label.get(feature, feature)
         grid = [(0.0, 0.0)] if feature is None else GRID
-        results = [(train_head(model, data, feature, lr, wd, args.seed), lr, wd) for lr, wd in grid]
+        results = [(train_head(model, data, feature, lr, wd, args.seed, args.head), lr, wd) for lr, wd in grid]
         (valid_score, metrics), lr, wd = max(results, key=lambda r: r[0][0])
         chosen[setting] = "-" if feature is None else f"lr {lr:g}, weight decay {wd:g}"
         per_user[setting] = metrics["test"]["ndcg@10"]
@@ -314,14 +333,14 @@ def main() -> None:
                                      f"ndcg@10_diff{suffix}_{bound}", value])
     report.write_csv(rows_out, RESULTS / f"{name}.csv")
     text = table_text(name, rows_out, flags, chosen, {k: len(v["target"]) for k, v in data.items()}, layers,
-                      feature_seconds, config)
+                      feature_seconds, config, args.head)
     report.write_text(RESULTS / f"{name}.md", text)
     plot(rows_out, RESULTS / f"{name}.png", name)
     print(text)
 
 
 def table_text(name: str, rows: list[list[Any]], flags: dict[str, np.ndarray], chosen: dict[str, str],
-               sizes: dict[str, int], layers: list[int], seconds: float, config: Any) -> str:
+               sizes: dict[str, int], layers: list[int], seconds: float, config: Any, head: str = "linear") -> str:
     """The readable table: per feature set, valid and test slices, and the bootstrap intervals."""
     value = {(r[2], r[3], r[4]): r[5] for r in rows}
     settings = list(dict.fromkeys(r[2] for r in rows))
@@ -347,7 +366,9 @@ def table_text(name: str, rows: list[list[Any]], flags: dict[str, np.ndarray], c
             + (f", new-item protocol {config['new_item_ratio']:g}" if config["new_item_ratio"] else "")
             + f". Frozen {config['llm_path']} LLM cut to {max(layers)} layers, states after layers {', '.join(map(str, layers))};"
             f" titles prompt ({config['prompt_history_items']} items, instruction text, no soft tokens). Residual head"
-            f" (query = holdout backbone user vector + W f + b, zero start) trained alone to early stopping on valid"
+            + (" (query = holdout backbone user vector + W f + b, zero start)" if head == "linear" else
+               " (query = holdout backbone user vector + MLP(f): one GELU layer of 256 units, output layer zero at the start)")
+            + f" trained alone to early stopping on valid"
             f" NDCG@10 (patience 20) on the {sizes['train']} stacking samples; grid lr x weight decay chosen on valid per"
             f" feature set; {sizes['valid']} valid and {sizes['test']} test users ({counts}). Paired bootstrap over test"
             f" users, 95%. Features: {seconds:.0f} s (LLM passes, cached).\n\n" + "\n".join(lines) + "\n")
