@@ -65,7 +65,8 @@ def build(dataset: str, ratio: float, seed: int, layers: list[int]) -> tuple[Any
     data_root = Path("dataset")
     source_folder(dataset, data_root)
     # the leaderboard's shared keys exactly, so the backbone's cache key is the leaderboard LLM rows' one
-    config_dict = {"data_path": str(data_root), "epochs": 3, "eval_step": 3, "backbone_epochs": 300, "stopping_step": 10,
+    data_config = {} if dataset == "ml-100k" else {"data_path": str(data_root)}  # ml-100k: RecBole's own copy, as there
+    config_dict = {**data_config, "epochs": 3, "eval_step": 3, "backbone_epochs": 300, "stopping_step": 10,
                    "show_progress": False, "valid_metric": "NDCG@10", "metrics": ["Recall", "NDCG", "Hit"], "topk": [5, 10],
                    "eval_args": {"split": {"LS": "valid_and_test"}, "order": "TO", "group_by": "user", "mode": "full"},
                    "cold_item_threshold": 5, "train_time_budget": None, "new_item_ratio": ratio or None, "seed": seed,
