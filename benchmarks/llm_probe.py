@@ -25,7 +25,8 @@ test is read once. Prompts: the model's ``titles`` prompt (instruction text + te
 
     python benchmarks/llm_probe.py --dataset=amazon-office --new-item-ratio=0.1 --seed=2020 --layers=8,16,30
 
-Writes ``benchmarks/results/llm_probe_<dataset>[_new<ratio>].{csv,md,png}`` (rows: setting = feature set,
+Writes ``benchmarks/results/llm_probe_<dataset>[_new<ratio>][_mlp_head][_seed<N>].{csv,md,png}`` (``_seed<N>`` for
+seeds other than the default 2020; rows: setting = feature set,
 split valid/test/test_cold/test_new, metrics ndcg@10, recall@10, hit@5, and the paired-bootstrap
 ``ndcg@10_diff_lo``/``_hi`` of each feature set against ``token_mean`` and against ``backbone``).
 The LLM states are cached under ``saved/llm_probe/`` (one LLM pass per prompt: amazon-office's 14,681 prompts took
@@ -284,7 +285,8 @@ def main() -> None:
     config, model, train_data, valid_data, test_data = build(args.dataset, args.new_item_ratio, args.seed, layers)
     name = f"llm_probe_{args.dataset}" + (f"_new{args.new_item_ratio:g}" if args.new_item_ratio else "")
     features_name = name + ("_smoke" if args.max_rows else "")  # the LLM-state cache: the same for every head
-    name += ("_mlp_head" if args.head == "mlp" else "") + ("_smoke" if args.max_rows else "")
+    name += ("_mlp_head" if args.head == "mlp" else "") + (f"_seed{args.seed}" if args.seed != 2020 else "")
+    name += "_smoke" if args.max_rows else ""  # seed 2020 (the default) keeps the plain name
     cache = Path("saved") / "llm_probe"
     data: dict[str, dict[str, np.ndarray]] = {}
     for split, loader in (("train", train_data), ("valid", valid_data), ("test", test_data)):
