@@ -17,8 +17,9 @@ is trained, to early stopping on valid, for every feature set alike:
 Head (the model's ``rank_with_backbone_residual`` head, trained here alone): query = backbone user
 vector + W f + b, W and b zero at the start, scores = query . backbone scoring table, cross-entropy
 over every item (unseen items masked as the model masks them), on the model's own stacking samples
-(each user's last training target, which the holdout backbone never fit: as the model's trainer selects them,
-with ``train_sample_budget`` 1 = all of them; the other training rows are targets the backbone fit). The grid
+(each user's last training target, which the holdout backbone never fit: the candidates the model's trainer draws
+from, all of them, where the model draws ``train_sample_budget`` of the training rows among them, 3,451 of 4,871 on
+amazon-office; the trainer's ``denoise_samples`` filter is not applied, and on amazon-office it keeps every row). The grid
 (learning rate x weight decay) is the same for every feature set and is chosen on valid NDCG@10;
 test is read once. Prompts: the model's ``titles`` prompt (instruction text + template + the last
 ``prompt_history_items`` titles) without the user soft token (a frozen probe has no trained projector).
@@ -95,8 +96,8 @@ def rows_of(loader: Any, model: Any) -> dict[str, np.ndarray]:
 
 
 def stacking_rows(config: Any, model: Any, dataset: Any) -> dict[str, np.ndarray]:
-    """The training rows the model itself trains on (its trainer's selection, with ``train_sample_budget`` 1): each
-    user's last ``holdout_last_targets`` training targets, the ones the holdout backbone never fit. The other
+    """The candidates the model's trainer draws its samples from, all of them (``train_sample_budget`` 1, no denoising
+    filter): each user's last ``holdout_last_targets`` training targets, the ones the holdout backbone never fit. The other
     training rows are targets the backbone was trained on, where a head would learn to undo its fit, not to add."""
     from recbole_llmalign.data.sampling import sample_budget_rows, select_training_rows
     from recbole_llmalign.trainer import stacking_holdout
