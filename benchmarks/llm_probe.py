@@ -51,9 +51,10 @@ METRICS = ("ndcg@10", "recall@10", "hit@5")
 GRID = [(lr, wd) for lr in (1e-4, 3e-4, 1e-3, 3e-3) for wd in (0.0, 1e-4)]  # (learning rate, weight decay), chosen on valid
 
 
-def build(dataset: str, ratio: float, seed: int, layers: list[int]) -> tuple[Any, Any, Any, Any, Any]:
+def build(dataset: str, ratio: float, seed: int, layers: list[int], cross_fit: int = 0) -> tuple[Any, Any, Any, Any, Any]:
     """(config, model, train_data, valid_data, test_data): AlignLLMRec as the leaderboard builds it, with the
-    LLM cut to ``max(layers)`` layers, titles prompts and every stacking sample."""
+    LLM cut to ``max(layers)`` layers, titles prompts and every stacking sample; with ``cross_fit`` K, its
+    ``cross_fit_folds: K`` and ``cross_fit_evaluation: folds`` (the leaderboard's ``cross_fit_5_folds`` row)."""
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from leaderboard import source_folder
     from recbole.data import create_dataset
@@ -73,6 +74,8 @@ def build(dataset: str, ratio: float, seed: int, layers: list[int]) -> tuple[Any
                    "eval_args": {"split": {"LS": "valid_and_test"}, "order": "TO", "group_by": "user", "mode": "full"},
                    "cold_item_threshold": 5, "train_time_budget": None, "new_item_ratio": ratio or None, "seed": seed,
                    "prompt_mode": "titles", "train_sample_budget": 1.0, "llm_layers": max(layers)}
+    if cross_fit:  # K fold backbones, each without one fold of users; valid/test routed to them as training is
+        config_dict.update({"cross_fit_folds": cross_fit, "cross_fit_evaluation": "folds"})
     config = Config(model="AlignLLMRec", dataset=dataset, config_dict=config_dict)
     prepare_dataset(config)
     ensure_backbone(config, None)
@@ -98,13 +101,15 @@ def rows_of(loader: Any, model: Any) -> dict[str, np.ndarray]:
 def stacking_rows(config: Any, model: Any, dataset: Any) -> dict[str, np.ndarray]:
     """The candidates the model's trainer draws its samples from, all of them (``train_sample_budget`` 1, no denoising
     filter): each user's last ``holdout_last_targets`` training targets, the ones the holdout backbone never fit. The other
-    training rows are targets the backbone was trained on, where a head would learn to undo its fit, not to add."""
+    training rows are targets the backbone was trained on, where a head would learn to undo its fit, not to add. Under
+    cross-fitting every training target is honest (read by the fold backbone that never saw its user): all of them."""
     from recbole_llmalign.data.sampling import sample_budget_rows, select_training_rows
-    from recbole_llmalign.trainer import stacking_holdout
+    from recbole_llmalign.trainer import cross_fit_folds, stacking_holdout
 
     holdout = stacking_holdout(config)
-    if holdout < 1:
-        raise ValueError(f"the probe needs stacking samples (holdout_last_targets >= 1), got {holdout}")
+    if holdout < 1 and not cross_fit_folds(config):
+        raise ValueError(f"the probe needs honest samples: stacking (holdout_last_targets >= 1, got {holdout}) or "
+                         "cross-fitting (--cross-fit K)")
     inter = dataset.inter_feat
     targets = inter[model.POS_ITEM_ID].numpy()
     index, notes = select_training_rows(
@@ -118,7 +123,8 @@ def stacking_rows(config: Any, model: Any, dataset: Any) -> dict[str, np.ndarray
 
 
 def features(model: Any, rows: dict[str, np.ndarray], layers: list[int], micro_batch: int = 32) -> dict[str, np.ndarray]:
-    """Per row: the backbone user vector and the text features of its titles prompt (module docstring)."""
+    """Per row: the text features of its titles prompt (module docstring). They depend on the LLM and the prompt only,
+    not on the backbone, so one cache serves the holdout and the cross-fitted probes."""
     import torch
     from tqdm import tqdm
 
@@ -130,8 +136,6 @@ def features(model: Any, rows: dict[str, np.ndarray], layers: list[int], micro_b
     order = np.argsort([len(t) for t in token_lists], kind="stable")  # similar lengths per pass: little padding
     out: dict[str, np.ndarray] = {}
     with torch.no_grad():
-        out["user_vector"] = torch.cat([model.user_vectors(seq[i:i + 1024], length[i:i + 1024])
-                                 for i in range(0, len(seq), 1024)]).numpy()
         collected: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {}
         for start in tqdm(range(0, len(order), micro_batch), desc="LLM states", unit="batch", mininterval=30):
             rows_here = order[start:start + micro_batch]
@@ -165,8 +169,8 @@ def cached_features(model: Any, rows: dict[str, np.ndarray], layers: list[int], 
     if path.is_file():
         with np.load(path) as stored:
             same = all(k in stored and np.array_equal(stored[k], rows[k]) for k in rows)
-            if same and all(f"llm_last_L{layer}" in stored for layer in layers):
-                return {k: stored[k] for k in stored.files if k not in rows}
+            if same and all(f"llm_last_L{layer}" in stored for layer in layers):  # older caches also hold user_vector
+                return {k: stored[k] for k in stored.files if k not in rows and k != "user_vector"}
         print(f"{path} holds other rows or layers: computing the features again")
     computed = features(model, rows, layers)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -174,6 +178,34 @@ def cached_features(model: Any, rows: dict[str, np.ndarray], layers: list[int], 
     np.savez(temp, **rows, **computed)
     os.replace(temp, path)  # atomic: a killed run leaves no half-written cache
     return computed
+
+
+def backbone_reads(model: Any, rows: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], list[Any]]:
+    """({user_vector, fold} per row, the scoring table of each fold): the backbone's side of the head's scores. Without
+    cross-fitting one fold, the model's backbone (the holdout one); with it, each row read by the fold backbone that
+    never saw its user (``user_fold``), the way the model's cross-fitted training and ``folds`` evaluation read them."""
+    import torch
+
+    seq, length = torch.from_numpy(rows["seq"]), torch.from_numpy(rows["len"])
+    if model.fold_backbones is None:
+        with torch.no_grad():
+            vectors = torch.cat([model.user_vectors(seq[i:i + 1024], length[i:i + 1024]) for i in range(0, len(seq), 1024)])
+        return {"user_vector": vectors.numpy(), "fold": np.zeros(len(seq), dtype=np.int64)}, [model.item_side().scoring.detach()]
+    folds = model.user_fold[torch.from_numpy(rows["user"])].numpy()
+    vectors = np.zeros((len(seq), model.cf_dim), dtype=np.float32)
+    tables = []
+    try:
+        for fold in range(len(model.fold_backbones)):
+            model.active_fold = fold
+            here = np.flatnonzero(folds == fold)
+            with torch.no_grad():
+                for start in range(0, len(here), 1024):
+                    part = torch.from_numpy(here[start:start + 1024])
+                    vectors[part.numpy()] = model.user_vectors(seq[part], length[part]).numpy()
+            tables.append(model.item_side().scoring.detach())
+    finally:
+        model.active_fold = None
+    return {"user_vector": vectors, "fold": folds.astype(np.int64)}, tables
 
 
 def per_user_metrics(scores: Any, targets: Any) -> dict[str, np.ndarray]:
@@ -205,15 +237,16 @@ def residual_head(features: int, out: int, kind: str, hidden: int = 256) -> Any:
     return head
 
 
-def train_head(model: Any, data: dict[str, dict[str, np.ndarray]], feature: str | None, lr: float, weight_decay: float,
-               seed: int, kind: str = "linear", max_epochs: int = 300, patience: int = 20,
+def train_head(tables: list[Any], unseen: Any, data: dict[str, dict[str, np.ndarray]], feature: str | None, lr: float,
+               weight_decay: float, seed: int, kind: str = "linear", max_epochs: int = 300, patience: int = 20,
                batch: int = 256) -> tuple[float, dict[str, dict]]:
-    """(best valid NDCG@10, per-user metrics of valid and test at that epoch) of the residual head on ``feature``."""
+    """(best valid NDCG@10, per-user metrics of valid and test at that epoch) of the residual head on ``feature``.
+
+    ``tables``: the scoring table of each fold (one without cross-fitting); a row's query is scored against its
+    ``fold``'s table. ``unseen``: items masked out of the training cross-entropy (None: none)."""
     import torch
     import torch.nn.functional as F
 
-    table = model.item_side().scoring.detach()
-    unseen = model.unseen_item_mask if getattr(model.backbone, "unseen_items", "negatives") == "text" else None
     as_tensor = {split: {k: torch.from_numpy(v) for k, v in part.items()} for split, part in data.items()}
     if feature is not None:
         mean = as_tensor["train"][feature].mean(0)
@@ -221,13 +254,20 @@ def train_head(model: Any, data: dict[str, dict[str, np.ndarray]], feature: str 
         for part in as_tensor.values():
             part["x"] = (part[feature] - mean) / std
     torch.manual_seed(seed)
-    head = residual_head(as_tensor["train"]["x"].size(1), table.size(1), kind) if feature else None
+    head = residual_head(as_tensor["train"]["x"].size(1), tables[0].size(1), kind) if feature else None
 
     def scores_of(part: dict[str, Any], rows: Any = slice(None)) -> Any:
         query = part["user_vector"][rows]
         if head is not None:
             query = query + head(part["x"][rows])
-        return query @ table.T
+        if len(tables) == 1:
+            return query @ tables[0].T
+        folds = part["fold"][rows]
+        scores = query.new_zeros(len(query), tables[0].size(0))
+        for fold, table in enumerate(tables):  # each row against its fold backbone's items
+            here = torch.nonzero(folds == fold).squeeze(1)
+            scores = scores.index_copy(0, here, query[here] @ table.T)
+        return scores
 
     def evaluate() -> dict[str, dict[str, np.ndarray]]:
         with torch.no_grad():
@@ -272,6 +312,9 @@ def main() -> None:
                         help="residual head: linear (the model's, W f + b) or mlp (one hidden layer; results under _mlp_head)")
     parser.add_argument("--max-rows", type=int, default=0,
                         help="smoke test: only the first N rows of each split, results under a _smoke name (0 = all)")
+    parser.add_argument("--cross-fit", type=int, default=0, metavar="K",
+                        help="train the head on every training target, each read by the cross-fitting fold backbone "
+                             "(K folds) that never saw its user, valid/test routed the same way (results under _cross_fit<K>)")
     args = parser.parse_args()
     layers = sorted({int(x) for x in args.layers.split(",") if x.strip()})
     sys.argv = sys.argv[:1]  # RecBole's Config reads --key=value from argv: the script's own flags must not reach it
@@ -283,10 +326,10 @@ def main() -> None:
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
     started = time.perf_counter()
-    config, model, train_data, valid_data, test_data = build(args.dataset, args.new_item_ratio, args.seed, layers)
+    config, model, train_data, valid_data, test_data = build(args.dataset, args.new_item_ratio, args.seed, layers, args.cross_fit)
     name = f"llm_probe_{args.dataset}" + (f"_new{args.new_item_ratio:g}" if args.new_item_ratio else "")
     features_name = name + ("_smoke" if args.max_rows else "")  # the LLM-state cache: the same for every head
-    name += ("_mlp_head" if args.head == "mlp" else "") + (f"_seed{args.seed}" if args.seed != 2020 else "")
+    name += (f"_cross_fit{args.cross_fit}" if args.cross_fit else "") + ("_mlp_head" if args.head == "mlp" else "") + (f"_seed{args.seed}" if args.seed != 2020 else "")
     name += "_smoke" if args.max_rows else ""  # seed 2020 (the default) keeps the plain name
     cache = Path("saved") / "llm_probe"
     data: dict[str, dict[str, np.ndarray]] = {}
@@ -294,8 +337,12 @@ def main() -> None:
         rows = stacking_rows(config, model, loader._dataset) if split == "train" else rows_of(loader, model)
         if args.max_rows:
             rows = {key: value[:args.max_rows] for key, value in rows.items()}
-        data[split] = {**rows, **cached_features(model, rows, layers, cache / f"{features_name}_s{args.seed}_{split}.npz")}
+        rows_name = "train_all_targets" if split == "train" and args.cross_fit else split  # other rows: their own cache
+        text = cached_features(model, rows, layers, cache / f"{features_name}_s{args.seed}_{rows_name}.npz")
+        reads, tables = backbone_reads(model, rows)
+        data[split] = {**rows, **text, **reads}
     feature_seconds = time.perf_counter() - started
+    unseen = model.unseen_item_mask if getattr(model.fit_backbone, "unseen_items", "negatives") == "text" else None
 
     counts = np.bincount(np.fromiter((i for _, i in training_pairs(train_data._dataset)), dtype=np.int64),
                          minlength=train_data._dataset.item_num)
@@ -313,7 +360,7 @@ def main() -> None:
     for feature in feature_sets:
         setting = label.get(feature, feature)
         grid = [(0.0, 0.0)] if feature is None else GRID
-        results = [(train_head(model, data, feature, lr, wd, args.seed, args.head), lr, wd) for lr, wd in grid]
+        results = [(train_head(tables, unseen, data, feature, lr, wd, args.seed, args.head), lr, wd) for lr, wd in grid]
         (valid_score, metrics), lr, wd = max(results, key=lambda r: r[0][0])
         chosen[setting] = "-" if feature is None else f"lr {lr:g}, weight decay {wd:g}"
         per_user[setting] = metrics["test"]["ndcg@10"]
@@ -337,14 +384,15 @@ def main() -> None:
                                      f"ndcg@10_diff{suffix}_{bound}", value])
     report.write_csv(rows_out, RESULTS / f"{name}.csv")
     text = table_text(name, rows_out, flags, chosen, {k: len(v["target"]) for k, v in data.items()}, layers,
-                      feature_seconds, config, args.head)
+                      feature_seconds, config, args.head, args.cross_fit)
     report.write_text(RESULTS / f"{name}.md", text)
     plot(rows_out, RESULTS / f"{name}.png", name)
     print(text)
 
 
 def table_text(name: str, rows: list[list[Any]], flags: dict[str, np.ndarray], chosen: dict[str, str],
-               sizes: dict[str, int], layers: list[int], seconds: float, config: Any, head: str = "linear") -> str:
+               sizes: dict[str, int], layers: list[int], seconds: float, config: Any, head: str = "linear",
+               cross_fit: int = 0) -> str:
     """The readable table: per feature set, valid and test slices, and the bootstrap intervals."""
     value = {(r[2], r[3], r[4]): r[5] for r in rows}
     settings = list(dict.fromkeys(r[2] for r in rows))
@@ -366,14 +414,21 @@ def table_text(name: str, rows: list[list[Any]], flags: dict[str, np.ndarray], c
                      + f" | {value[(setting, 'test', 'recall@10')]:.4f} | {interval(setting, '')} | "
                      f"{interval(setting, '_vs_backbone')} | {chosen[setting.removeprefix('probe_')]} |")
     counts = ", ".join(f"{s} {int(flags[s].sum())}" for s in splits)
+    if cross_fit:
+        reader = "fold backbone"
+        samples = (f"all {sizes['train']} training targets, each user's read by the one of {cross_fit} cross-fitting fold "
+                   "backbones that never saw them (each trained on the other folds' users); valid and test users are read and "
+                   "ranked the same way (cross_fit_evaluation: folds), so `backbone` is those routed fold backbones")
+    else:
+        reader = "holdout backbone"
+        samples = f"the {sizes['train']} stacking samples"
     return (f"# {name}\n\nDataset {config['dataset']}, seed {config['seed']}"
             + (f", new-item protocol {config['new_item_ratio']:g}" if config["new_item_ratio"] else "")
             + f". Frozen {config['llm_path']} LLM cut to {max(layers)} layers, states after layers {', '.join(map(str, layers))};"
             f" titles prompt ({config['prompt_history_items']} items, instruction text, no soft tokens). Residual head"
-            + (" (query = holdout backbone user vector + W f + b, zero start)" if head == "linear" else
-               " (query = holdout backbone user vector + MLP(f): one GELU layer of 256 units, output layer zero at the start)")
-            + f" trained alone to early stopping on valid"
-            f" NDCG@10 (patience 20) on the {sizes['train']} stacking samples; grid lr x weight decay chosen on valid per"
+            + (f" (query = {reader} user vector + W f + b, zero start)" if head == "linear" else
+               f" (query = {reader} user vector + MLP(f): one GELU layer of 256 units, output layer zero at the start)")
+            + f" trained alone to early stopping on valid NDCG@10 (patience 20) on {samples}; grid lr x weight decay chosen on valid per"
             f" feature set; {sizes['valid']} valid and {sizes['test']} test users ({counts}). Paired bootstrap over test"
             f" users, 95%. Features: {seconds:.0f} s (LLM passes, cached).\n\n" + "\n".join(lines) + "\n")
 
