@@ -29,7 +29,7 @@ test is read once. Prompts: the model's ``titles`` prompt (instruction text + te
     # (14 min of 8-layer passes), then the head grid (~4 min per feature set); about 50 min in all
     python benchmarks/llm_probe.py --dataset=amazon-office --new-item-ratio=0.1 --seed=2020 --layers=8 --cross-fit=5
 
-Writes ``benchmarks/results/llm_probe_<dataset>[_new<ratio>][_mlp_head][_seed<N>].{csv,md,png}`` (``_seed<N>`` for
+Writes ``benchmarks/results/llm_probe_<dataset>[_new<ratio>][_cross_fit<K>][_mlp_head][_seed<N>].{csv,md,png}`` (``_seed<N>`` for
 seeds other than the default 2020; rows: setting = feature set,
 split valid/test/test_cold/test_new, metrics ndcg@10, recall@10, hit@5, and the paired-bootstrap
 ``ndcg@10_diff_lo``/``_hi`` of each feature set against ``token_mean`` and against ``backbone``).
