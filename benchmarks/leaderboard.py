@@ -277,7 +277,8 @@ def main() -> None:
             f"New-item protocol on: {ratio:g} of the items (drawn per seed) lose every training interaction, as target "
             "and as input (training histories rebuilt without them); they stay valid/test targets and may appear in "
             "valid/test histories; `new` = users whose test item is new. " if ratio else "New-item protocol off. ")
-        + f"Model defaults otherwise (RecBole's and the plugin's YAML); one process per run, {threads} CPU threads"
+        + f"Model defaults otherwise (RecBole's and the plugin's YAML); one process per run, {threads} CPU threads (the runs of "
+        "the last call; where rows ran with other counts a `threads` column shows each row's, `-` = not recorded)"
         + (f"; every run with {', '.join(f'{k}={v}' for k, v in overrides.items())}" if overrides else "") + ".\n\n"
         + "".join(f"{run}: {notes[run]}.\n\n" for run in chosen if run in blocked))
     compare(runs, name, config_files, config_dict=shared, output_dir=RESULTS, name=table, seeds=seeds, reference=args.reference,

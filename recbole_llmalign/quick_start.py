@@ -46,6 +46,7 @@ class RunCost:
     stopped_by: str = ""  # why training ended: early_stop (stopping_step), budget (train_time_budget) or epochs
     train_time_budget: float = 0.0  # the run's train_time_budget in seconds; 0 = none
     seed: int = 0
+    cpu_threads: int = 0  # torch's intra-op threads during the run: s/epoch on a CPU is only comparable at equal counts
     per_user_file: str = ""  # CSV of each test user's metrics, beside the checkpoint (see save_per_user_metrics)
     extra: dict[str, float] = field(default_factory=dict)
     valid_curve: list[tuple[float, float]] = field(default_factory=list)  # (seconds since training start, valid score)
@@ -153,6 +154,7 @@ def run_with_cost(
         stopped_by=trainer.stopped_by,
         train_time_budget=float(trainer.train_time_budget or 0.0),
         seed=int(config["seed"]),
+        cpu_threads=torch.get_num_threads(),
         per_user_file=save_per_user_metrics(config, trainer.saved_model_file, test_per_user, train_data, test_data),
         valid_curve=list(getattr(trainer, "valid_curve", [])),
         extra={"text_sec": float(getattr(model_obj, "text_seconds", 0.0)),

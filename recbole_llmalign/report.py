@@ -5,7 +5,8 @@ CSV header: ``dataset,model,setting,split,metric,value``. ``split`` is ``valid``
 backbone of an LLM model on the same test users, ``test_backbone_cold`` / ``test_backbone_new`` for it on
 those slices) for quality metrics, ``train``
 for training cost (``sec_per_epoch``, ``epochs``, ``train_sec``, ``peak_mem_mb``,
-``train_time_budget`` (0 = none), ``seed``) and ``test`` for ``eval_sec`` (one full-ranking pass
+``train_time_budget`` (0 = none), ``seed``, ``cpu_threads``: torch's threads, absent in files from before it
+was recorded) and ``test`` for ``eval_sec`` (one full-ranking pass
 over the test users). Metric names are RecBole's.
 
 Why training ended is three ``train`` rows, ``stopped_by_early_stop``, ``stopped_by_budget`` and
@@ -46,8 +47,8 @@ from recbole_llmalign.io import atomic_write_text, atomic_write_with
 CSV_HEADER = ["dataset", "model", "setting", "split", "metric", "value"]
 COST_ROWS = (("train", "sec_per_epoch"), ("train", "epochs"), ("train", "best_epoch"), ("train", "train_sec"),
              ("train", "time_to_best_sec"), ("train", "peak_mem_mb"), ("test", "eval_sec"),
-             ("train", "train_time_budget"), ("train", "seed"))
-INTEGER_COSTS = ("epochs", "best_epoch", "seed")
+             ("train", "train_time_budget"), ("train", "seed"), ("train", "cpu_threads"))
+INTEGER_COSTS = ("epochs", "best_epoch", "seed", "cpu_threads")
 STOP_REASONS = ("early_stop", "budget", "epochs")  # RecBole's stopping_step, train_time_budget, the last epoch
 RESULT_SPLITS = (("valid", "best_valid_result"), ("test", "test_result"), ("test_cold", "test_cold_result"),
                  ("test_new", "test_new_result"), ("test_warm", "test_warm_result"),
@@ -125,6 +126,19 @@ def stop_cell(cost: dict[str, Any]) -> str:
     reason = cost.get("stopped_by") or "-"
     budget = cost.get("train_time_budget") or 0.0
     return f"{reason} ({budget:.0f} s)" if reason == "budget" else reason
+
+
+def threads_cell(costs: Iterable[dict[str, Any]]) -> str:
+    """The CPU thread counts some runs trained with (``2``, ``1, 2``), ``-`` for runs from before they were recorded."""
+    counts = [f"{cost['cpu_threads']:.0f}" if cost.get("cpu_threads") else "-" for cost in costs]
+    return ", ".join(dict.fromkeys(counts))
+
+
+def threads_differ(costs: Iterable[dict[str, Any]]) -> bool:
+    """Whether a table needs a ``threads`` column: its runs' thread counts are not one recorded value for all
+    (its s/epoch column compares runs only at equal counts); files from before the count was recorded get none."""
+    counts = {cost.get("cpu_threads") or None for cost in costs}
+    return len(counts) > 1
 
 
 def long_rows(record: dict[str, Any], dataset: str) -> list[list[Any]]:
@@ -213,13 +227,15 @@ def markdown_table(records: list[dict[str, Any]], metrics: list[str] | None = No
     base_epoch = records[0]["cost"].get("sec_per_epoch") or float("nan")
     slices = _slice_columns(records, slice_metrics)
     budgets = any(r["cost"].get("train_time_budget") for r in records)
+    threads = threads_differ(r["cost"] for r in records)
     backbones = any(r["result"].get("backbone_test_result") for r in records)
     backbone_slices = _backbone_slice_columns(records)
     header = (["model", "setting", f"valid {metrics[0]}"] + [f"test {m}" for m in metrics]
               + [f"{label} {m}" for _, label, ms in slices for m in ms + ["users"]]
               + ([f"own backbone test {metrics[0]} (ratio)"] if backbones else [])
               + [f"own backbone {label} {metrics[0]} (ratio)" for _, _, label in backbone_slices]
-              + ["s/epoch", f"s/epoch vs {records[0]['model']}", "epochs (best)", "stopped_by"] + (["budget s"] if budgets else [])
+              + ["s/epoch", f"s/epoch vs {records[0]['model']}"] + (["threads"] if threads else [])
+              + ["epochs (best)", "stopped_by"] + (["budget s"] if budgets else [])
               + ["s to best", "eval s", "peak MB"] + (["notes"] if notes else []))
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for record in records:
@@ -236,8 +252,9 @@ def markdown_table(records: list[dict[str, Any]], metrics: list[str] | None = No
         for own_key, backbone_key, _ in backbone_slices:
             cells.append(backbone_cell((record["result"].get(own_key) or {}).get(metrics[0]),
                                        (record["result"].get(backbone_key) or {}).get(metrics[0])))
-        cells += [f"{cost['sec_per_epoch']:.1f}", f"{cost['sec_per_epoch'] / base_epoch:.2f}x",
-                  f"{cost['epochs']} ({cost.get('best_epoch', 0)})", stop_cell(cost)]
+        cells += [f"{cost['sec_per_epoch']:.1f}", f"{cost['sec_per_epoch'] / base_epoch:.2f}x"]
+        cells += [threads_cell([cost])] if threads else []
+        cells += [f"{cost['epochs']} ({cost.get('best_epoch', 0)})", stop_cell(cost)]
         cells += [budget_cell(cost)] if budgets else []
         cells += [f"{cost.get('time_to_best_sec', 0.0):.0f}", f"{cost['eval_sec']:.1f}", f"{cost['peak_mem_mb']:.0f}"]
         if notes:
@@ -605,6 +622,7 @@ def seeds_table(rows: Iterable[Any], metrics: list[str] | None = None, notes: di
     keyed = [(ref, None if index == 0 else ref) for index, ref in enumerate(parse_references(reference))]
     columns = [(ref, key) for ref, key in keyed if diffs.get(key)]  # (as titled, key in diffs) of references with rows
     budgets = any(r["cost"].get("train_time_budget") for r in means.values())
+    threads = threads_differ(r["cost"] for r in runs)
     backbones = any(r["result"].get("backbone_test_result") for r in means.values())
     backbone_slices = _backbone_slice_columns(list(means.values()))
     header = (["model", "setting", "seeds"] + [f"test {m}" for m in metrics]
@@ -612,7 +630,8 @@ def seeds_table(rows: Iterable[Any], metrics: list[str] | None = None, notes: di
               + ([f"own backbone test {metrics[0]} (ratio)"] if backbones else [])
               + [f"own backbone {label} {metrics[0]} (ratio)" for _, _, label in backbone_slices]
               + [f"test {diff_metrics.get(key, 'ndcg@10')} - {ref} [95%]" for ref, key in columns]
-              + ["s/epoch", "epochs", "stopped_by"] + (["budget s"] if budgets else []) + ["peak MB"] + (["notes"] if notes else []))
+              + ["s/epoch"] + (["threads"] if threads else []) + ["epochs", "stopped_by"] + (["budget s"] if budgets else [])
+              + ["peak MB"] + (["notes"] if notes else []))
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
 
     def cell(key: tuple[str, str], result_key: str, metric: str, digits: int = 4) -> str:
@@ -646,7 +665,8 @@ def seeds_table(rows: Iterable[Any], metrics: list[str] | None = None, notes: di
         for _, ref_key in columns:
             found = [diffs[ref_key].get((model, setting, f"{diff_metrics.get(ref_key, 'ndcg@10')}{suffix}")) for suffix in DIFF_SUFFIXES]
             cells.append("-" if None in found else f"{found[0]:+.4f} [{found[1]:+.4f}, {found[2]:+.4f}] {_verdict(found[1], found[2])}")
-        cells += [cost_cell(key, "sec_per_epoch", 1), cost_cell(key, "epochs", 1), stopped]
+        cells += [cost_cell(key, "sec_per_epoch", 1)] + ([threads_cell(r["cost"] for r in group)] if threads else [])
+        cells += [cost_cell(key, "epochs", 1), stopped]
         cells += [budget_cell(record["cost"])] if budgets else []
         cells.append(cost_cell(key, "peak_mem_mb", 0))
         if notes:

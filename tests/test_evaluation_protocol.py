@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 import recbole_llmalign  # noqa: F401
 from recbole_llmalign import report
@@ -213,6 +214,7 @@ def test_stopped_by_names_early_stopping_the_budget_and_the_last_epoch(cyclic_da
     assert (by_epochs.stopped_by, by_epochs.epochs) == ("epochs", 2)
     assert (by_budget.stopped_by, by_budget.epochs, by_budget.train_time_budget) == ("budget", 1, 1e-9)
     assert (by_stopping.stopped_by, by_stopping.epochs) == ("early_stop", 3)  # best, then 2 validations without gain
+    assert by_epochs.cpu_threads == torch.get_num_threads() >= 1  # what s/epoch was measured with
     rows = report.long_rows({"model": "GRU4Rec", "result": {}, "cost": {"stopped_by": "budget"}}, name)
     assert {r[4]: r[5] for r in rows} == {"stopped_by_early_stop": 0.0, "stopped_by_budget": 1.0, "stopped_by_epochs": 0.0}
 
@@ -251,6 +253,29 @@ def test_aggregate_rows_match_a_hand_computation(tmp_path):
     table = (tmp_path / "agg.md").read_text()
     assert "| SASRec | default | 3 | 0.3100 ± 0.0458 |" in table
     assert "early_stop x2, budget (0 s) x1" in table
+
+
+def test_thread_counts_are_kept_and_a_table_shows_them_only_where_runs_differ(tmp_path):
+    """s/epoch compares CPU runs only at equal thread counts: a resumed table may mix runs from several calls."""
+    same = [_record("SASRec", "default", s, 0.30, 5) for s in (2020, 2021)] + [_record("GRU4Rec", "default", 2020, 0.2, 5)]
+    for record in same:
+        record["cost"]["cpu_threads"] = 2
+    report.write_comparison(same, "toy", tmp_path, "same")
+    assert "threads" not in (tmp_path / "same.md").read_text()
+    assert "toy,SASRec,default/seed_2021,train,cpu_threads,2" in (tmp_path / "same.csv").read_text().splitlines()
+    _, rebuilt = report.records_from_csv(tmp_path / "same.csv")
+    assert [r["cost"]["cpu_threads"] for r in rebuilt] == [2, 2, 2]
+    mixed = same + [_record("SASRec", "default", 2022, 0.31, 5)]  # a run from before the count was recorded
+    mixed[2]["cost"]["cpu_threads"] = 1
+    report.write_comparison(mixed, "toy", tmp_path, "mixed")
+    lines = (tmp_path / "mixed.md").read_text().splitlines()
+    header = next(line for line in lines if line.startswith("| model |")).split(" | ")
+    column = header.index("threads")
+    rows = [line.split(" | ") for line in lines[lines.index(" | ".join(header)):]]
+    cells = {row[0].strip("| "): row[column] for row in rows[2:] if len(row) == len(header)}  # the main table only
+    assert cells == {"SASRec": "2, -", "GRU4Rec": "1"}
+    assert "| threads |" in report.markdown_table([same[0], mixed[2]])
+    assert "threads" not in report.markdown_table(same[:2])
 
 
 def test_llm_rows_report_their_own_backbone_and_the_ratio_in_csv_and_tables(tmp_path):
