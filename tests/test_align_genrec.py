@@ -24,7 +24,8 @@ def test_codebook_codes_are_unique_and_report_collisions():
     assert result.report["collision_rate_before"] > 0  # 8 x 8 codes for near-duplicate items must collide first
     for level in range(result.codes.size(1)):
         assert result.codes[:, level].max() < result.codes_per_level[level]
-    assert 0 < result.report["level0_usage"] <= 1 and result.report["reconstruction_mse"] >= 0
+    assert result.report["level0_usage"] >= 4 / 8  # the first level tells most of the 6 clusters apart
+    assert result.report["reconstruction_mse"] < vectors.var(0).mean().item()  # better than predicting the mean item
 
 
 def test_the_same_fit_gives_the_same_codes_on_two_threads():
