@@ -95,6 +95,11 @@ LEVERS = [
      {"rerank_top_n": 5, "holdout_last_targets": 5, "learning_rate": 0.001}),
     ("AlignLLMRec:no_llm_rerank_5_holdout_5_lr_1e-3", "AlignLLMRec", "no_llm_rerank_5_holdout_5_lr_1e-3",
      {"rerank_top_n": 5, "holdout_last_targets": 5, "learning_rate": 0.001, "prompt_reader": "mlp"}),
+    # depth and adapters: all 30 of SmolLM2's layers (the default keeps 8) with LoRA r 8 on q/v; the twin's MLP takes the
+    # trainable size of these prefixes and adapters, so it is the same ablation at this depth
+    ("AlignLLMRec:layers_30_lora_8", "AlignLLMRec", "layers_30_lora_8", {"llm_layers": None, "lora_r": 8}),
+    ("AlignLLMRec:no_llm_layers_30_lora_8", "AlignLLMRec", "no_llm_layers_30_lora_8",
+     {"llm_layers": None, "lora_r": 8, "prompt_reader": "mlp"}),
 ]
 ALL_RUNS = STANDARD + LEVERS
 FEATURE_MODELS = ("SASRecF", "FDSA")
@@ -179,6 +184,9 @@ def field_use(name: str, config_files: list[str] | None, data_config: dict[str, 
         "AlignLLMRec:rerank_5_holdout_5_lr_1e-3": "rerank_top_n 5: the LLM re-scores the backbone's top 5 with one "
                                                   "candidate prompt each; holdout_last_targets 5, learning_rate 1e-3",
         "AlignLLMRec:no_llm_rerank_5_holdout_5_lr_1e-3": "no_llm, rerank_top_n 5, holdout_last_targets 5, learning_rate 1e-3",
+        "AlignLLMRec:layers_30_lora_8": "llm_layers ~ (all 30 of SmolLM2's layers; default 8) and lora_r 8 on q_proj, v_proj",
+        "AlignLLMRec:no_llm_layers_30_lora_8": "no_llm at that depth: its MLP has the trainable size of 30 layers' prefixes "
+                                               "and LoRA r 8",
         "AlignGenRec": f"item codes from AlignSASRec + text ({text}); SmolLM2-135M",
     }
     blocked = [] if usable else list(FEATURE_MODELS)
