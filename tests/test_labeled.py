@@ -195,3 +195,28 @@ def test_like_rates_are_smoothed_and_a_training_pair_does_not_see_its_own_label(
     assert float(own_dislike) == pytest.approx(logit((3 + 1) / (3 + 2)))
     state.rate_weights = torch.tensor([1.0, 0.0])  # user term: 1 like in a 2-item history (the padding is ignored)
     assert float(AlignLLMRecCTR._rate_logit(state, lengths, history, candidates)) == pytest.approx(logit((1 + 1) / (2 + 2)))
+
+
+def test_a_ctr_scorer_checkpoint_starts_the_model_at_that_models_score(labeled_dataset, tiny_llama_dir):
+    """With ``ctr_scorer_checkpoint`` the untrained model scores every test pair as the frozen FM does: at learning
+    rate 0 its test AUC is FM's own (to the few pairs without a history, which a sequential model cannot score), which
+    only holds when its users and items are mapped to FM's ids (one item off flips the parity label: AUC near 0)."""
+    from recbole_llmalign.quick_start import run_with_cost
+
+    data_path, name = labeled_dataset
+    fm_result, fm_cost = run_with_cost("FM", name, config_dict=_labeled_config(data_path, epochs=10, train_neg_sample_args=None))
+    assert fm_result["test_result"]["auc"] > 0.9  # the label is the item's parity: FM's item bias learns it
+    common = dict(llm_path=str(tiny_llama_dir), llm_layers=2, answer_words=["yes", "no"], train_batch_size=64,
+                  train_sample_budget=1.0, epochs=1, backbone_epochs=2, eval_batch_size=256, answer_from_llm=False)
+    still, _ = run_with_cost("AlignLLMRecCTR", name, config_dict=_labeled_config(
+        data_path, ctr_scorer_checkpoint=fm_cost.checkpoint, **{**common, "learning_rate": 0.0}))
+    assert still["test_result"]["auc"] == pytest.approx(fm_result["test_result"]["auc"], abs=0.005)
+    assert still["test_result"]["uauc"] == pytest.approx(fm_result["test_result"]["uauc"], abs=0.005)
+    state = torch.load(newest_file("saved", "AlignLLMRecCTR-*.pth"), weights_only=False)["state_dict"]
+    assert "ctr_scorer_weight" in state and not any(key.startswith("ctr_scorer.") for key in state)  # FM is its own file
+
+    backbone = str(newest_file("saved", "AlignSASRec-*.pth"))
+    with pytest.raises(ValueError, match="holds a AlignSASRec .*must be a RecBole context-aware model"):
+        run_with_cost("AlignLLMRecCTR", name, config_dict=_labeled_config(data_path, ctr_scorer_checkpoint=backbone, **common))
+    with pytest.raises(FileNotFoundError, match="ctr_scorer_checkpoint missing.pth does not exist"):
+        run_with_cost("AlignLLMRecCTR", name, config_dict=_labeled_config(data_path, ctr_scorer_checkpoint="missing.pth", **common))

@@ -9,11 +9,18 @@ What it adds to AlignLLMRec: history items marked liked/disliked (``history_labe
 user's and the candidate's smoothed like rates in the logit (``label_rate_features``), a learned
 share of the backbone's dot product, and a linear correction of the yes/no margin. It does not
 train by stacking: labeled pairs carry their own negatives and labels.
+
+The AlignSASRec backbone learns what a user watches next, not what they like (as a pair scorer its
+UAUC on ml-1m-ctr is near chance). CoLLM's collaborative side is a model trained on the labels
+themselves; ``ctr_scorer_checkpoint`` plays that part: a RecBole context-aware model (LR, FM,
+DeepFM, ...) trained on the same labeled dataset, frozen, whose logit for each pair is added with a
+weight starting at 1 (the like-rate weights and the bias then start at 0), so training starts from
+that model's score and the LLM learns what it misses.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +28,9 @@ from torch import nn
 
 from recbole_llmalign.llm.soft_prompt import resolve_answer_tokens
 from recbole_llmalign.model.align_llmrec import AlignLLMRec
+
+if TYPE_CHECKING:
+    from recbole.data.interaction import Interaction
 
 # Trainables of the ranking head that checkpoints of AlignLLMRec with ``task: labeled`` (before this
 # class) carry but never used; dropped when such a checkpoint is loaded.
@@ -59,6 +69,71 @@ class AlignLLMRecCTR(AlignLLMRec):
             raise ValueError("answer_from_llm: False scores with the like rates only; it needs label_rate_features: True.")
         if self.rate_features:
             self._init_rate_features(dataset.inter_feat, float(config["rate_prior_strength"]))
+        self.ctr_scorer: nn.Module | None = None
+        if config["ctr_scorer_checkpoint"]:
+            self._load_ctr_scorer(str(config["ctr_scorer_checkpoint"]), dataset, bool(config["trust_checkpoint"]))
+
+    def _load_ctr_scorer(self, path: str, dataset: Any, trust: bool) -> None:
+        """The frozen CTR model of ``ctr_scorer_checkpoint``, rebuilt on its own dataset (its fields and token ids
+        are its own), with this dataset's user and item ids mapped to its ids by token."""
+        from pathlib import Path
+
+        from recbole.data import create_dataset
+        from recbole.utils import ModelType
+
+        from recbole_llmalign.compat import load_checkpoint
+        from recbole_llmalign.utils import get_model
+
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"ctr_scorer_checkpoint {path} does not exist; point it at the .pth of a RecBole "
+                                    "context-aware model (e.g. --model=FM) trained on this labeled dataset.")
+        checkpoint = load_checkpoint(path, map_location="cpu", trust=trust)
+        scorer_config = checkpoint["config"]
+        scorer_class = get_model(scorer_config["model"])
+        if scorer_class.type != ModelType.CONTEXT:
+            raise ValueError(f"ctr_scorer_checkpoint holds a {scorer_config['model']} ({scorer_class.type.name} model); it "
+                             "must be a RecBole context-aware model (LR, FM, DeepFM, ...) trained on this labeled dataset.")
+        if scorer_config["dataset"] != dataset.dataset_name:
+            raise ValueError(f"ctr_scorer_checkpoint was trained on {scorer_config['dataset']}, this run is on "
+                             f"{dataset.dataset_name}: train the CTR model on the same dataset.")
+        scorer_dataset = create_dataset(scorer_config)
+        scorer = scorer_class(scorer_config, scorer_dataset)
+        scorer.load_state_dict(checkpoint["state_dict"])
+        self.ctr_scorer = scorer.eval().requires_grad_(False)
+        self.ctr_dataset = scorer_dataset
+        for field, name in ((self.USER_ID, "ctr_user_ids"), (self.ITEM_ID, "ctr_item_ids")):
+            tokens = dataset.field2id_token[field]
+            known = scorer_dataset.field2token_id[field]
+            missing = [str(token) for token in tokens[1:] if token not in known]
+            if missing:
+                raise ValueError(f"ctr_scorer_checkpoint's dataset lacks {len(missing)} {field} values of this one (e.g. "
+                                 f"{missing[:3]}): train the CTR model on the same dataset and filters.")
+            ids = torch.tensor([0] + [known[token] for token in tokens[1:]], dtype=torch.long)
+            self.register_buffer(name, ids, persistent=False)
+        self.ctr_scorer_weight = nn.Parameter(torch.ones(1))  # training starts from the CTR model's score ...
+        with torch.no_grad():  # ... alone: it has its own user and item biases, so the like rates start at 0
+            self.label_bias.zero_()
+            if self.rate_features:
+                self.rate_weights.zero_()
+
+    def train(self, mode: bool = True) -> AlignLLMRecCTR:
+        super().train(mode)
+        if getattr(self, "ctr_scorer", None) is not None:
+            self.ctr_scorer.eval()  # frozen: no dropout (DeepFM's MLP has some)
+        return self
+
+    def ctr_scorer_logits(self, interaction: Interaction) -> torch.Tensor | None:
+        """The frozen CTR model's logit per pair [B], or None without ``ctr_scorer_checkpoint``."""
+        if self.ctr_scorer is None:
+            return None
+        from recbole.data.interaction import Interaction
+
+        users = self.ctr_user_ids[interaction[self.USER_ID]].cpu()
+        items = self.ctr_item_ids[interaction[self.ITEM_ID]].cpu()
+        pairs = self.ctr_dataset.join(Interaction({self.USER_ID: users, self.ITEM_ID: items}))  # its item/user features
+        with torch.no_grad():
+            probability = self.ctr_scorer.predict(pairs.to(self.ctr_user_ids.device))
+        return torch.logit(probability.float(), eps=1e-6)
 
     def _init_rate_features(self, inter_feat: Any, prior: float) -> None:
         """Smoothed like rates: the candidate's among training interactions, the user's in their history.
@@ -96,11 +171,13 @@ class AlignLLMRecCTR(AlignLLMRec):
         return logits @ self.rate_weights
 
     def answer_logits(self, item_seq: torch.Tensor, item_seq_len: torch.Tensor, candidates: torch.Tensor,
-                      history_labels: torch.Tensor | None = None, own_labels: torch.Tensor | None = None) -> torch.Tensor:
+                      history_labels: torch.Tensor | None = None, own_labels: torch.Tensor | None = None,
+                      ctr_logits: torch.Tensor | None = None) -> torch.Tensor:
         """Logit of "yes" minus "no" for each (history, candidate) [B], from two rows of the LM head
         only (plus a learned linear correction of that margin from the same state), plus a learned
-        share of the backbone's dot-product score and, with ``label_rate_features``, the user's and
-        the candidate's smoothed like rates."""
+        share of the backbone's dot-product score, with ``label_rate_features`` the user's and the
+        candidate's smoothed like rates, and with ``ctr_scorer_checkpoint`` a learned share of that
+        model's logit (``ctr_logits``, from :meth:`ctr_scorer_logits`)."""
         if self.use_history_labels and history_labels is None:
             raise ValueError(f"This model reads the labels of the history ('{self.HISTORY_LABELS}'); pass history_labels.")
         if self.answer_from_llm:
@@ -115,6 +192,10 @@ class AlignLLMRecCTR(AlignLLMRec):
         logits = margin + self.backbone_score_weight * backbone_score + self.label_bias
         if self.rate_features:
             logits = logits + self._rate_logit(item_seq_len, history_labels, candidates, own_labels)
+        if self.ctr_scorer is not None:
+            if ctr_logits is None:
+                raise ValueError("This model adds its CTR scorer's logit (ctr_scorer_checkpoint); pass ctr_logits.")
+            logits = logits + self.ctr_scorer_weight * ctr_logits
         return logits
 
     def _history_labels(self, interaction: Any) -> torch.Tensor | None:
@@ -124,17 +205,19 @@ class AlignLLMRecCTR(AlignLLMRec):
     def calculate_loss(self, interaction: Any) -> torch.Tensor:
         labels = interaction[self.LABEL].float()
         logits = self.answer_logits(interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN], interaction[self.ITEM_ID],
-                                    self._history_labels(interaction), own_labels=labels)
+                                    self._history_labels(interaction), own_labels=labels,
+                                    ctr_logits=self.ctr_scorer_logits(interaction))
         return F.binary_cross_entropy_with_logits(logits, labels)
 
     def predict(self, interaction: Any) -> torch.Tensor:
         """P(yes) per pair, in micro-batches of ``llm_micro_batch`` pairs."""
         item_seq, lengths, items = interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN], interaction[self.ITEM_ID]
-        labels = self._history_labels(interaction)
+        labels, ctr = self._history_labels(interaction), self.ctr_scorer_logits(interaction)
+        part = lambda values, i: None if values is None else values[i:i + step]  # noqa: E731
         step = self.micro_batch
         with torch.inference_mode():
             scores = torch.cat([torch.sigmoid(self.answer_logits(item_seq[i:i + step], lengths[i:i + step], items[i:i + step],
-                                                                 None if labels is None else labels[i:i + step]))
+                                                                 part(labels, i), ctr_logits=part(ctr, i)))
                                 for i in self.micro_batch_starts(item_seq.size(0), "LLM yes/no")])
         return scores.clone()
 
