@@ -4,7 +4,8 @@ Split and labels from the plugin's ml-1m-ctr YAML (CoLLM / SeLLa-Rec protocol): 
 one global time-ordered 80/10/10 split of all interactions, 5-core. Rows: LR, FM, DeepFM (RecBole
 context-aware models on user, item, title, year and genre features), DIN (RecBole, attention over
 the user's history), AlignSASRec used as a scorer (dot product of its sequence and item vectors),
-and AlignLLMRecCTR on that AlignSASRec as its frozen backbone (tables written before that model
+and AlignLLMRecCTR on that AlignSASRec as its frozen backbone, alone or (``fm_*`` settings) with the run's FM
+as its frozen CTR scorer (``ctr_scorer_checkpoint``) (tables written before that model
 had its own class name it AlignLLMRec with ``task: labeled``; ``--merge`` reads both). Metrics: AUC and
 UAUC on the whole test set, on warm candidates and on cold ones (<= 5 training interactions).
 ``--users`` keeps a random subset of users (all their ratings) so the LLM's per-pair scoring of
@@ -44,21 +45,31 @@ LLM_MODELS = ("AlignLLMRecCTR", "AlignLLMRec")  # the second: rows of tables wri
 
 
 def summary(records: list[dict]) -> str:
-    llm = next((r for r in records if r["model"] in LLM_MODELS), None)
+    """The issue's goals per LLM row: AUC over the best baseline, UAUC against FM's, and what the LLM pass adds over its
+    own ablation without it (the same terms, no LLM: ``rates_only`` for ``labeled``, ``fm_rates_only`` for ``fm_labeled``)."""
     baselines = [r for r in records if r["model"] in ("LR", "FM", "DeepFM", "DIN", "AlignSASRec")]
-    if not llm or not baselines:
+    rows = {r["setting"]: r for r in records if r["model"] in LLM_MODELS}
+    if not rows or not baselines:
         return ""
     best = max(baselines, key=lambda r: r["result"]["test_result"]["auc"])
-    gap = llm["result"]["test_result"]["auc"] - best["result"]["test_result"]["auc"]
-    lines = [f"- AlignLLMRec test AUC {llm['result']['test_result']['auc']:.4f} vs best baseline {best['model']} "
-             f"{best['result']['test_result']['auc']:.4f}: {gap:+.4f} (goal >= +0.01)"]
-    rates = next((r for r in records if r["model"] in LLM_MODELS and r["setting"] == "rates_only"), None)
-    if rates and llm is not rates:
-        deltas = []
-        for split, key in (("test", "test_result"), ("cold", "test_cold_result")):
-            a, b = llm["result"].get(key) or {}, rates["result"].get(key) or {}
-            deltas += [f"{split} {metric.upper()} {a[metric] - b[metric]:+.4f}" for metric in ("auc", "uauc") if metric in a and metric in b]
-        lines.append(f"- what the LLM pass adds over the like rates alone (`{llm['setting']}` - `rates_only`): " + ", ".join(deltas))
+    fm = next((r for r in baselines if r["model"] == "FM"), None)
+    lines = []
+    for setting, ablation in (("labeled", "rates_only"), ("fm_labeled", "fm_rates_only")):
+        if setting not in rows:
+            continue
+        test = rows[setting]["result"]["test_result"]
+        line = (f"- AlignLLMRec `{setting}` test AUC {test['auc']:.4f} vs best baseline {best['model']} "
+                f"{best['result']['test_result']['auc']:.4f}: {test['auc'] - best['result']['test_result']['auc']:+.4f} (goal >= +0.01)")
+        if fm:
+            line += f"; test UAUC {test['uauc']:.4f} vs FM {fm['result']['test_result']['uauc']:.4f} (goal >= FM's)"
+        lines.append(line)
+        if ablation in rows:
+            deltas = []
+            for split, key in (("test", "test_result"), ("cold", "test_cold_result")):
+                a, b = rows[setting]["result"].get(key) or {}, rows[ablation]["result"].get(key) or {}
+                deltas += [f"{split} {metric.upper()} {a[metric] - b[metric]:+.4f}" for metric in ("auc", "uauc")
+                           if metric in a and metric in b]
+            lines.append(f"- what the LLM pass adds (`{setting}` - `{ablation}`, goal >= +0.01 AUC and UAUC): " + ", ".join(deltas))
     return "\n".join(lines) + "\n\n"
 
 
@@ -85,7 +96,14 @@ def run(args: argparse.Namespace, name: str, data_root: Path, table: str, compar
             llm["backbone_checkpoint"] = backbone
         settings = {"labeled": {}, "no_history_labels": {"history_label_words": None, "label_rate_features": False},
                     "rates_only": {"answer_from_llm": False}}
-        records += compare([("AlignLLMRecCTR", setting, {**llm, **settings[setting]}) for setting in args.llm_settings.split(",")],
+        chosen = args.llm_settings.split(",")
+        if any(setting.startswith("fm_") for setting in chosen):  # FM of this run as the frozen CTR scorer
+            fm = next((r for r in records if r["model"] == "FM"), None)
+            if fm is None or not fm["cost"].get("checkpoint"):
+                raise SystemExit("--llm-settings fm_labeled / fm_rates_only read the FM this run trains: add FM to --models.")
+            for setting in ("labeled", "rates_only"):
+                settings[f"fm_{setting}"] = {**settings[setting], "ctr_scorer_checkpoint": fm["cost"]["checkpoint"]}
+        records += compare([("AlignLLMRecCTR", setting, {**llm, **settings[setting]}) for setting in chosen],
                            name, [str(CTR_YAML)], config_dict=shared, output_dir=RESULTS, name=table + "_partial")
     for suffix in (".md", ".csv", ".png"):
         (RESULTS / f"{table}_partial{suffix}").unlink(missing_ok=True)
@@ -106,7 +124,8 @@ def main() -> None:
     parser.add_argument("--models", default="LR,FM,DeepFM,DIN,AlignSASRec,AlignLLMRecCTR")
     parser.add_argument("--llm-settings", default="labeled,no_history_labels",
                         help="AlignLLMRec rows: labeled (YAML defaults), no_history_labels (history unmarked, no like-rate "
-                             "features), rates_only (like rates and backbone score, no LLM pass)")
+                             "features), rates_only (like rates and backbone score, no LLM pass); fm_labeled and "
+                             "fm_rates_only: the same with this run's FM as ctr_scorer_checkpoint (its logit starts the score)")
     parser.add_argument("--merge", default=None, metavar="CSV",
                         help="add this run's rows to an earlier run's CSV of the same table (rows of the same model and setting are replaced)")
     parser.add_argument("--name", default=None)
@@ -134,7 +153,9 @@ def main() -> None:
              f"sequences (all_positions, its CE next-item loss) and scored by dot product; AlignLLMRec: SmolLM2-135M first "
              f"{args.llm_layers} layers, yes/no head, {args.llm_samples:g} training pairs, {args.llm_epochs} epoch(s); `labeled` marks each "
              "history item liked/disliked and adds the user's and the candidate's smoothed like rates, `no_history_labels` "
-             "does neither, `rates_only` scores with the like rates and the backbone's dot product alone (no LLM pass). Warm / cold: test "
+             "does neither, `rates_only` scores with the like rates and the backbone's dot product alone (no LLM pass); `fm_labeled` and "
+             "`fm_rates_only` are `labeled` and `rates_only` with this run's FM as `ctr_scorer_checkpoint` (frozen; its logit, "
+             "weight starting at 1, starts the score; the like-rate weights start at 0). Warm / cold: test "
              f"candidates with more than / at most 5 training interactions; {os.environ.get('OMP_NUM_THREADS', '2')} CPU threads.\n\n")
     report.write_comparison(records, name, RESULTS, table, preface=setup + summary(records) + auc_table(records))
     print((RESULTS / f"{table}.md").read_text())
