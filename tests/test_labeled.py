@@ -204,12 +204,14 @@ def test_a_ctr_scorer_checkpoint_starts_the_model_at_that_models_score(labeled_d
     from recbole_llmalign.quick_start import run_with_cost
 
     data_path, name = labeled_dataset
-    fm_result, fm_cost = run_with_cost("FM", name, config_dict=_labeled_config(data_path, epochs=10, train_neg_sample_args=None))
+    with_titles = {"load_col": {"inter": ["user_id", "item_id", "rating", "timestamp"], "item": ["item_id", "title"]}}
+    fm_result, fm_cost = run_with_cost("FM", name, config_dict=_labeled_config(data_path, epochs=10, train_neg_sample_args=None,
+                                                                               **with_titles))  # FM reads item features too
     assert fm_result["test_result"]["auc"] > 0.9  # the label is the item's parity: FM's item bias learns it
     common = dict(llm_path=str(tiny_llama_dir), llm_layers=2, answer_words=["yes", "no"], train_batch_size=64,
                   train_sample_budget=1.0, epochs=1, backbone_epochs=2, eval_batch_size=256, answer_from_llm=False)
     still, _ = run_with_cost("AlignLLMRecCTR", name, config_dict=_labeled_config(
-        data_path, ctr_scorer_checkpoint=fm_cost.checkpoint, **{**common, "learning_rate": 0.0}))
+        data_path, ctr_scorer_checkpoint=fm_cost.checkpoint, **with_titles, **{**common, "learning_rate": 0.0}))
     assert still["test_result"]["auc"] == pytest.approx(fm_result["test_result"]["auc"], abs=0.005)
     assert still["test_result"]["uauc"] == pytest.approx(fm_result["test_result"]["uauc"], abs=0.005)
     state = torch.load(newest_file("saved", "AlignLLMRecCTR-*.pth"), weights_only=False)["state_dict"]

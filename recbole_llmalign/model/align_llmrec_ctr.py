@@ -97,6 +97,7 @@ class AlignLLMRecCTR(AlignLLMRec):
             raise ValueError(f"ctr_scorer_checkpoint was trained on {scorer_config['dataset']}, this run is on "
                              f"{dataset.dataset_name}: train the CTR model on the same dataset.")
         scorer_dataset = create_dataset(scorer_config)
+        scorer_dataset.build()  # turns its user/item features into the Interaction tables join() reads; splits unused
         scorer = scorer_class(scorer_config, scorer_dataset)
         scorer.load_state_dict(checkpoint["state_dict"])
         self.ctr_scorer = scorer.eval().requires_grad_(False)
