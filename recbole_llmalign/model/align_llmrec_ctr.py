@@ -71,9 +71,9 @@ class AlignLLMRecCTR(AlignLLMRec):
             self._init_rate_features(dataset.inter_feat, float(config["rate_prior_strength"]))
         self.ctr_scorer: nn.Module | None = None
         if config["ctr_scorer_checkpoint"]:
-            self._load_ctr_scorer(str(config["ctr_scorer_checkpoint"]), dataset, bool(config["trust_checkpoint"]))
+            self._build_ctr_scorer(str(config["ctr_scorer_checkpoint"]), dataset, bool(config["trust_checkpoint"]))
 
-    def _load_ctr_scorer(self, path: str, dataset: Any, trust: bool) -> None:
+    def _build_ctr_scorer(self, path: str, dataset: Any, trust: bool) -> None:
         """The frozen CTR model of ``ctr_scorer_checkpoint``, rebuilt on its own dataset (its fields and token ids
         are its own), with this dataset's user and item ids mapped to its ids by token."""
         from pathlib import Path
